@@ -48,6 +48,19 @@ class Settings:
     soft_bounce_limit: int = 3
     soft_bounce_window_days: int = 30
     lease_seconds: int = 120
+    # Delays (seconds) of the short retries made within one run before a deferred
+    # message is left for the next `send` on the long schedule (retry_initial doubling).
+    retry_in_run: str = "5,20"
+    claim_batch: int = 500
+
+    @property
+    def retry_in_run_delays(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in self.retry_in_run.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(
+                f"retry_in_run must be seconds separated by commas, not {self.retry_in_run!r}"
+            ) from None
 
     def masked(self) -> dict[str, str]:
         """Every setting as text, with passwords and keys hidden."""

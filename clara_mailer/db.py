@@ -29,6 +29,8 @@ MIGRATIONS_DIR = PACKAGE_ROOT / "migrations"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event (below) start transactions instead of the driver.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets readers (report, web) work while a send writes; busy_timeout makes
     # writers wait for each other instead of failing.
@@ -37,6 +39,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # Take the write lock when a transaction starts: a deferred transaction that reads and
+    # then writes fails at once with SQLITE_BUSY under WAL when another process wrote in
+    # between, instead of waiting for busy_timeout. Several senders share one file safely.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_db_engine(url: str) -> Engine:
@@ -49,6 +58,7 @@ def create_db_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     try:
         return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)

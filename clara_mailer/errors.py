@@ -15,6 +15,8 @@ nothing else escapes as a traceback.
     ├── CampaignError            campaign definition or template problem
     │   └── CheckFailed          ``clara-mail check`` found problems
     ├── TokenError               forged, altered or unknown token
+    ├── UnsendableRecipient      this recipient's message cannot be built (delivery fails)
+    │   └── NeedsSMTPUTF8        non-ASCII local part, server lacks SMTPUTF8
     ├── TransportError           SMTP URL or connection problem before any message
     ├── SendError                a send that must not start or resume
     └── BounceError              a mailbox that cannot be read
@@ -92,6 +94,14 @@ class CheckFailed(CampaignError):
 
 class TokenError(MailerError):
     pass
+
+
+class UnsendableRecipient(MailerError):
+    """One recipient's message cannot be built; the sender records a ``failed`` delivery."""
+
+
+class NeedsSMTPUTF8(UnsendableRecipient):
+    """The address has a non-ASCII local part and the server did not announce SMTPUTF8."""
 
 
 class TransportError(MailerError):

@@ -120,6 +120,7 @@ class Delivery(Base):
         Index("ix_deliveries_claim", "campaign_id", "status", "next_attempt_at"),
         Index("ix_deliveries_lease", "status", "lease_expires_at"),
         Index("ix_deliveries_segment", "campaign_id", "segment", "status"),
+        Index("ix_deliveries_sent", "campaign_id", "sent_at"),
         Index("ix_deliveries_recipient", "recipient_id"),
     )
 

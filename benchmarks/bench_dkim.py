@@ -1,0 +1,139 @@
+"""DKIM cost per message: dkimpy signing the 26 kB newsletter, RSA-2048, relaxed/relaxed.
+
+Measures dkimpy directly (the floor any signer built on it pays) and, when
+``clara_mailer/dkim.py`` exists, clara-mail's own signer on the same bytes. Each
+signature is verified once, so a broken signer cannot post a fast figure. Prints one
+JSON line per signer: milliseconds per message and messages per second of one core.
+
+Example:
+    python benchmarks/bench_dkim.py --message newsletter.eml --messages 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+DOMAIN = b"clara.example"
+SELECTOR = b"bench"
+HEADERS = [
+    b"from",
+    b"to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"mime-version",
+    b"content-type",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+]
+
+
+def new_key() -> tuple[bytes, bytes]:
+    """A fresh RSA-2048 key: PEM private key and the base64 public key for DNS."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, base64.b64encode(public)
+
+
+def with_unsubscribe_headers(message: bytes) -> bytes:
+    extra = (
+        b"List-Unsubscribe: <https://clara.example/u/0123456789abcdef>\r\n"
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+    )
+    return extra + message
+
+
+def sign_with_dkimpy(private: bytes) -> Callable[[bytes], bytes]:
+    def sign(message: bytes) -> bytes:
+        signature: bytes = dkim.sign(
+            message,
+            SELECTOR,
+            DOMAIN,
+            private,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=HEADERS,
+        )
+        return signature + message
+
+    return sign
+
+
+def verify(signed: bytes, public_b64: bytes) -> bool:
+    record = b"v=DKIM1; k=rsa; p=" + public_b64
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return record if name == SELECTOR + b"._domainkey." + DOMAIN + b"." else b""
+
+    return bool(dkim.verify(signed, dnsfunc=dnsfunc))
+
+
+def clara_signer(private_pem: bytes) -> Callable[[bytes], bytes] | None:
+    """clara-mail's signer on the same key, once ``clara_mailer/dkim.py`` exists."""
+    if importlib.util.find_spec("clara_mailer.dkim") is None:
+        return None
+    module: Any = importlib.import_module("clara_mailer.dkim")
+    signer = module.DkimSigner(DOMAIN.decode(), SELECTOR.decode(), private_pem)
+    sign: Callable[[bytes], bytes] = signer.sign
+    return sign
+
+
+def measure(sign: Callable[[bytes], bytes], message: bytes, count: int) -> tuple[float, bytes]:
+    signed = sign(message)  # warm-up, and the bytes verified below
+    started = time.perf_counter()
+    for _ in range(count):
+        sign(message)
+    return (time.perf_counter() - started) / count, signed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--message", type=Path, required=True, help="the newsletter .eml")
+    parser.add_argument("--messages", type=int, default=300, help="signatures to time")
+    args = parser.parse_args(argv)
+
+    message = with_unsubscribe_headers(args.message.read_bytes())
+    private, public = new_key()
+    signers: dict[str, Callable[[bytes], bytes]] = {"dkimpy": sign_with_dkimpy(private)}
+    clara = clara_signer(private)
+    if clara is not None:
+        signers["clara_mailer.dkim"] = clara
+
+    status = 0
+    for name, sign in signers.items():
+        seconds, signed = measure(sign, message, args.messages)
+        valid = verify(signed, public)
+        status |= not valid
+        print(
+            json.dumps(
+                {
+                    "signer": name,
+                    "ms_per_message": seconds * 1000,
+                    "rate": 1 / seconds,
+                    "verified": valid,
+                }
+            )
+        )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

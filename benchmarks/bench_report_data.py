@@ -1,0 +1,137 @@
+"""Fill a database with a large delivery log for the report benchmark, in bulk SQL.
+
+One campaign (``newsletter-2022-01``), N recipients and N deliveries in every state the
+report counts (mostly sent; some failed, deferred, bounced, skipped, unknown), plus a
+bounce row per bounced delivery. The rows are generated inside the database (a
+recursive CTE on SQLite, ``generate_series`` on PostgreSQL), so a million rows take
+seconds, not the hours the ORM would. The schema is made first by ``clara-mail db
+upgrade`` (Alembic), so the tables are exactly the application's.
+
+Example:
+    python benchmarks/bench_report_data.py sqlite:///report.db --deliveries 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+CAMPAIGN = "newsletter-2022-01"
+
+# Out of every 100 deliveries: the state, by i % 100.
+STATUS_CASE = """CASE
+    WHEN i % 100 < 88 THEN 'sent'
+    WHEN i % 100 < 91 THEN 'bounced'
+    WHEN i % 100 < 93 THEN 'failed'
+    WHEN i % 100 < 95 THEN 'deferred'
+    WHEN i % 100 < 97 THEN 'skipped'
+    WHEN i % 100 < 98 THEN 'unknown'
+    ELSE 'queued' END"""
+
+SEGMENT_CASE = """CASE i % 3
+    WHEN 0 THEN 'national-authorities' WHEN 1 THEN 'local-police' ELSE 'associations' END"""
+
+
+def _series(dialect: str, count: int) -> str:
+    if dialect == "postgresql":
+        return f"(SELECT generate_series(1, {count}) AS i) AS seq"
+    return (
+        f"(WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {count}) "
+        "SELECT i FROM s) AS seq"
+    )
+
+
+def statements(dialect: str, count: int) -> list[str]:
+    series = _series(dialect, count)
+    now = "CURRENT_TIMESTAMP"
+    return [
+        f"INSERT INTO campaigns (id, slug, kind, created_at, started_at) "
+        f"VALUES (1, '{CAMPAIGN}', 'newsletter', {now}, {now})",
+        f"""INSERT INTO recipients (id, email, email_key, name, organisation, language,
+                country, consent_basis, consent_source, created_at, updated_at)
+            SELECT i, 'person' || i || '@recipients.example',
+                'person' || i || '@recipients.example', 'Persona ' || i,
+                'Organización ' || (i % 97), CASE WHEN i % 3 = 0 THEN 'en' ELSE 'es' END,
+                'ES', 'legitimate-interest', 'benchmark', {now}, {now}
+            FROM {series}""",
+        # The standard segments come with the schema (migration 0001).
+        f"""INSERT INTO recipient_segments (recipient_id, segment_id)
+            SELECT i, segments.id FROM {series}
+            JOIN segments ON segments.slug = {SEGMENT_CASE}""",
+        f"""INSERT INTO deliveries (id, campaign_id, recipient_id, email, segment, language,
+                status, attempts, smtp_code, smtp_reply, message_id, created_at,
+                first_attempt_at, last_attempt_at, sent_at)
+            SELECT i, 1, i, 'person' || i || '@recipients.example', {SEGMENT_CASE},
+                CASE WHEN i % 3 = 0 THEN 'en' ELSE 'es' END, {STATUS_CASE},
+                CASE WHEN i % 100 < 97 THEN 1 ELSE 0 END,
+                CASE WHEN i % 100 < 91 THEN 250 WHEN i % 100 < 93 THEN 550
+                     WHEN i % 100 < 95 THEN 451 ELSE NULL END,
+                CASE WHEN i % 100 < 91 THEN '2.0.0 Ok: queued'
+                     WHEN i % 100 < 93 THEN '5.1.1 User unknown'
+                     WHEN i % 100 < 95 THEN '4.7.1 Try again later' ELSE NULL END,
+                '<' || i || '.newsletter-2022-01@clara.example>', {now},
+                {now}, {now}, CASE WHEN i % 100 < 91 THEN {now} ELSE NULL END
+            FROM {series}""",
+        f"""INSERT INTO bounces (message_key, delivery_id, campaign_id, address_hash, kind,
+                status_code, action, diagnostic, received_at)
+            SELECT 'bounce-' || i, i, 1, 'hash' || i, 'hard', '5.1.1', 'failed',
+                'smtp; 550 5.1.1 user unknown', {now}
+            FROM {series} WHERE i % 100 >= 88 AND i % 100 < 91""",
+    ]
+
+
+def _resync_sequences(conn: object) -> None:
+    """Explicit ids leave PostgreSQL's sequences behind: move them past the data."""
+    for table in ("campaigns", "recipients", "deliveries", "bounces"):
+        conn.execute(  # type: ignore[attr-defined]
+            text(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"COALESCE((SELECT MAX(id) FROM {table}), 1))"
+            )
+        )
+
+
+def clara_command() -> list[str]:
+    script = Path(sys.executable).with_name("clara-mail")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "clara_mailer"]
+
+
+def fill(url: str, count: int, workdir: Path) -> float:
+    """Create the schema at ``url`` and fill it; return the seconds the inserts took."""
+    env = {"CLARA_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}
+    subprocess.run(
+        [*clara_command(), "db", "upgrade"], cwd=workdir, env=env, check=True, capture_output=True
+    )
+    engine = create_engine(url)
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        for statement in statements(engine.dialect.name, count):
+            conn.execute(text(statement))
+        if engine.dialect.name == "postgresql":
+            _resync_sequences(conn)
+    with engine.connect() as conn:  # fresh statistics, as a database in use would have
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+    engine.dispose()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="SQLAlchemy URL of an empty database")
+    parser.add_argument("--deliveries", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path.cwd())
+    args = parser.parse_args(argv)
+    seconds = fill(args.url, args.deliveries, args.workdir)
+    print(json.dumps({"deliveries": args.deliveries, "seconds": seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

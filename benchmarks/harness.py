@@ -1,0 +1,764 @@
+"""The clara-mail benchmark: every figure of issue 9, side by side, in one run.
+
+Started by ``benchmarks/run.sh`` (which installs Postfix's smtp-sink/smtp-source and
+GNU time first); see benchmarks/README.md. It starts one ``smtp-sink`` on 127.0.0.1,
+runs each row once per repetition (rows interleaved, so load from elsewhere on the
+machine spreads over all of them), checks that the sink received every message, and
+prints medians and ranges with the ratios against the goals.
+
+Example:
+    python benchmarks/harness.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from inputs import (  # noqa: E402  (a script beside its helpers, not a package)
+    write_lf_copy,
+    write_recipients_csv,
+    write_sample_newsletter,
+)
+
+CAMPAIGN = "newsletter-2022-01"
+SENDER = "newsletter@clara.example"
+GNU_TIME = "/usr/bin/time"
+SEND_GOAL_RATIO = 0.5
+MEMORY_GOAL_MB = 80.0
+IMPORT_GOAL_ROWS = 50_000.0
+REPORT_GOAL_SECONDS = 1.0
+
+
+class BenchError(Exception):
+    """A row that could not be measured: the reason goes into the table."""
+
+
+# --- measuring a command -----------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    returncode: int
+    seconds: float
+    rss_mb: float
+    stdout: str
+    stderr: str
+
+    def first_error_line(self) -> str:
+        """The ``Error: ...`` line the CLI prints, else the last line of stderr or stdout."""
+        err = [ln.strip() for ln in self.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in err if ln.startswith("Error:")]
+        out = [ln.strip() for ln in self.stdout.splitlines() if ln.strip()]
+        line = (errors or err or out or [f"exit status {self.returncode}"])[-1]
+        return line[:200]
+
+
+def timed(
+    cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 7200
+) -> Timed:
+    """Run ``cmd`` under GNU time: wall seconds and peak RSS of the process."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time", dir=cwd) as tfile:
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [GNU_TIME, "-f", "%M", "-o", tfile.name, *cmd],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        seconds = time.perf_counter() - started
+        lines = tfile.read().split()
+    # GNU time prints "Command exited with non-zero status N" before the figure.
+    rss_kb = float(lines[-1]) if lines and lines[-1].isdigit() else float("nan")
+    return Timed(proc.returncode, seconds, rss_kb / 1024, proc.stdout, proc.stderr)
+
+
+def clara_command() -> list[str]:
+    script = Path(sys.executable).with_name("clara-mail")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "clara_mailer"]
+
+
+# --- the sink ----------------------------------------------------------------------------
+
+
+def port_answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Sink:
+    """One Postfix smtp-sink on 127.0.0.1:port that counts what it receives.
+
+    smtp-sink binds with SO_REUSEPORT: a second sink on the same port would silently
+    take half the connections, so we refuse to start when anything answers there.
+    """
+
+    def __init__(self, port: int, workdir: Path, pidfile: Path) -> None:
+        self.port, self.pidfile = port, pidfile
+        self.log = workdir / "smtp-sink.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if port_answers(self.port):
+            raise SystemExit(
+                f"error: 127.0.0.1:{self.port} already answers; smtp-sink uses SO_REUSEPORT "
+                "and a second one would split the traffic: stop the other server or use --port"
+            )
+        cmd = ["smtp-sink", "-c"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without -u
+        cmd += [f"127.0.0.1:{self.port}", "1024"]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        with self.pidfile.open("a") as fh:
+            fh.write(f"{self.proc.pid}\n")
+        for _ in range(100):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"error: smtp-sink exited: {self.log.read_text()[-300:]}")
+            if port_answers(self.port):
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"error: smtp-sink did not answer on 127.0.0.1:{self.port}")
+
+    def received(self) -> int:
+        """Messages received since the sink started (its -c counter, unbuffered)."""
+        tail = self.log.read_bytes()[-400:].decode("ascii", "replace")
+        found = re.findall(r"mesg=(\d+)", tail)
+        return int(found[-1]) if found else 0
+
+    def wait_settled(self) -> int:
+        """The count once it stops moving: the last '.' may be counted a moment later."""
+        last = self.received()
+        for _ in range(20):
+            time.sleep(0.05)
+            now = self.received()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+# --- databases ----------------------------------------------------------------------------
+
+
+class Databases:
+    """Fresh SQLite files and PostgreSQL databases, each removed when done."""
+
+    def __init__(self, workdir: Path, postgres_admin_url: str | None) -> None:
+        self.workdir, self.pg_admin = workdir, postgres_admin_url
+        self.created_pg: list[str] = []
+
+    @property
+    def backends(self) -> list[str]:
+        return ["sqlite", "postgresql"] if self.pg_admin else ["sqlite"]
+
+    @contextmanager
+    def fresh(self, backend: str, label: str) -> Iterator[str]:
+        if backend == "sqlite":
+            path = self.workdir / f"{label}-{uuid.uuid4().hex[:6]}.db"
+            try:
+                yield f"sqlite:///{path}"
+            finally:
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            return
+        assert self.pg_admin
+        name = f"clara_bench_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(self.pg_admin, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.created_pg.append(name)
+        admin.dispose()
+        try:
+            yield make_url(self.pg_admin).set(database=name).render_as_string(hide_password=False)
+        finally:
+            self.drop(name)
+
+    def drop(self, name: str) -> None:
+        assert self.pg_admin
+        admin = create_engine(self.pg_admin, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        self.created_pg.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created_pg):
+            with suppress(Exception):
+                self.drop(name)
+
+
+def status_counts(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
+            return {str(status): int(count) for status, count in rows}
+    finally:
+        engine.dispose()
+
+
+# --- rows ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    value: float
+    rss_mb: float | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str  # msg/s, rows/s, s, ms/msg, MB
+    goal: str = ""
+    ratio: bool = False  # show the ratio to smtp-source
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def median(self) -> float | None:
+        return statistics.median(s.value for s in self.samples) if self.samples else None
+
+    def rss(self) -> float | None:
+        values = [s.rss_mb for s in self.samples if s.rss_mb is not None]
+        return max(values) if values else None
+
+
+@dataclass
+class Plan:
+    recipients: int
+    reps: int
+    import_rows: int
+    report_rows: int
+    memory_sizes: tuple[int, int]
+    dkim_messages: int
+    concurrencies: tuple[int, ...] = (4, 16)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, plan: Plan, workdir: Path) -> None:
+        self.args, self.plan, self.workdir = args, plan, workdir
+        self.sink = Sink(args.port, workdir, workdir / "pids")
+        self.dbs = Databases(workdir, args.postgres)
+        self.rows: dict[str, Row] = {}
+        self.message = workdir / "newsletter.eml"
+        self.message_source = "generated stand-in"
+        self.csv: dict[int, Path] = {}
+        self.others: list[tuple[str, str]] = []
+
+    # ---- helpers
+
+    def row(self, key: str, label: str, unit: str, **kw: Any) -> Row:
+        if key not in self.rows:
+            self.rows[key] = Row(key, label, unit, **kw)
+        return self.rows[key]
+
+    def attempt(self, row: Row, measure: Callable[[], Sample]) -> None:
+        try:
+            sample = measure()
+        except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+            row.errors.append(str(exc).splitlines()[0][:160] if str(exc) else repr(exc))
+            print(f"  {row.label}: FAILED: {row.errors[-1]}", flush=True)
+            return
+        row.samples.append(sample)
+        rss = f", {sample.rss_mb:.0f} MB" if sample.rss_mb is not None else ""
+        print(f"  {row.label}: {sample.value:,.1f} {row.unit}{rss}", flush=True)
+
+    def recipients_csv(self, count: int) -> Path:
+        if count not in self.csv:
+            self.csv[count] = write_recipients_csv(self.workdir / f"recipients-{count}.csv", count)
+        return self.csv[count]
+
+    def clara_env(self, database_url: str, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLARA_")}
+        env.update(
+            CLARA_DATABASE_URL=database_url,
+            CLARA_SMTP_URL=f"smtp://127.0.0.1:{self.args.port}?tls=none",
+            CLARA_SECRET_KEY="benchmark-secret-0123456789abcdef",
+            CLARA_BASE_URL="https://clara.example",
+            CLARA_OUTBOX_DIR=str(self.workdir / "outbox"),
+            CLARA_BOUNCE_ADDRESS="bounces@clara.example",
+        )
+        env.update(extra)
+        return env
+
+    def clara(self, *args: str, env: dict[str, str], timeout: float = 7200) -> Timed:
+        return timed([*clara_command(), *args], cwd=self.workdir, env=env, timeout=timeout)
+
+    def import_recipients(self, database_url: str, count: int) -> None:
+        result = self.clara(
+            "import", str(self.recipients_csv(count)), env=self.clara_env(database_url)
+        )
+        if result.returncode != 0:
+            raise BenchError(f"clara-mail import: {result.first_error_line()}")
+
+    def expect_received(self, before: int, expected: int) -> None:
+        got = self.sink.wait_settled() - before
+        if got != expected:
+            raise BenchError(f"the sink received {got} messages, not {expected}")
+
+    # ---- inputs
+
+    def prepare_message(self) -> None:
+        """The real rendered newsletter if ``clara-mail preview`` can give it, else a stand-in."""
+        with self.dbs.fresh("sqlite", "preview") as url:
+            try:
+                self.import_recipients(url, 10)
+                result = self.clara(
+                    "preview", CAMPAIGN, "--format", "eml", env=self.clara_env(url), timeout=120
+                )
+            except BenchError:
+                result = None
+        if result is not None and result.returncode == 0 and "Content-Type:" in result.stdout:
+            raw = result.stdout.encode("utf-8", "surrogateescape")
+            self.message.write_bytes(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+            self.message_source = "clara-mail preview newsletter-2022-01 --format eml"
+        else:
+            write_sample_newsletter(self.message)
+        write_lf_copy(self.message, self.workdir / "newsletter.lf")
+        size = self.message.stat().st_size
+        print(f"message: {size:,} bytes, from {self.message_source}", flush=True)
+
+    # ---- rows 1-4: the limit and the peer baselines
+
+    def smtp_source(self, reuse: bool) -> Sample:
+        n = self.plan.recipients
+        cmd = ["smtp-source", "-N", "-s", "4", "-m", str(n)]
+        cmd += ["-d"] if reuse else []
+        cmd += ["-F", str(self.workdir / "newsletter.lf"), "-f", SENDER]
+        cmd += ["-t", "person@recipients.example", f"127.0.0.1:{self.args.port}"]
+        before = self.sink.wait_settled()
+        result = timed(cmd, cwd=self.workdir)
+        if result.returncode != 0:
+            raise BenchError(f"smtp-source: {result.first_error_line()}")
+        self.expect_received(before, n)
+        return Sample(n / result.seconds, result.rss_mb, result.seconds)
+
+    def client(self, mode: str, connections: int) -> Sample:
+        n = self.plan.recipients
+        cmd = [sys.executable, str(HERE / "bench_clients.py"), "--mode", mode]
+        cmd += ["--port", str(self.args.port), "--message", str(self.message)]
+        cmd += ["--recipients", str(n), "--connections", str(connections)]
+        before = self.sink.wait_settled()
+        result = timed(cmd, cwd=self.workdir)
+        if result.returncode != 0:
+            raise BenchError(f"{mode}: {result.first_error_line()}")
+        self.expect_received(before, n)
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        return Sample(figures["rate"], result.rss_mb, figures["seconds"])
+
+    # ---- rows 5, 6 and 9b: clara-mail send, the whole pipeline
+
+    def clara_send(
+        self, backend: str, concurrency: int, count: int, extra_env: dict[str, str] | None = None
+    ) -> Sample:
+        with self.dbs.fresh(backend, f"send-c{concurrency}") as url:
+            self.import_recipients(url, count)
+            env = self.clara_env(url, **(extra_env or {}))
+            before = self.sink.wait_settled()
+            result = self.clara(
+                "send", CAMPAIGN, "--yes", "--concurrency", str(concurrency), env=env
+            )
+            if result.returncode != 0:
+                raise BenchError(f"clara-mail send: {result.first_error_line()}")
+            self.expect_received(before, count)
+            counts = status_counts(url)
+            if counts.get("sent") != count:
+                raise BenchError(f"delivery log after the send: {counts}, not {count} sent")
+        return Sample(count / result.seconds, result.rss_mb, result.seconds)
+
+    def dkim_key(self) -> Path:
+        key = self.workdir / "dkim.pem"
+        if not key.exists():
+            from bench_dkim import new_key
+
+            key.write_bytes(new_key()[0])
+        return key
+
+    # ---- row 7: import
+
+    def import_rate(self, backend: str) -> Sample:
+        n = self.plan.import_rows
+        csv_path = self.recipients_csv(n)
+        with self.dbs.fresh(backend, "import") as url:
+            result = self.clara("import", str(csv_path), env=self.clara_env(url))
+            if result.returncode != 0:
+                raise BenchError(f"import: {result.first_error_line()}")
+            engine = create_engine(url)
+            with engine.connect() as conn:
+                stored = conn.execute(text("SELECT COUNT(*) FROM recipients")).scalar_one()
+            engine.dispose()
+        if stored != n:
+            raise BenchError(f"{stored} recipients stored, not {n}")
+        return Sample(n / result.seconds, result.rss_mb, result.seconds)
+
+    # ---- row 8: report over a large delivery log
+
+    @contextmanager
+    def report_log(self, backend: str) -> Iterator[str]:
+        with self.dbs.fresh(backend, "report") as url:
+            from bench_report_data import fill
+
+            seconds = fill(url, self.plan.report_rows, self.workdir)
+            print(f"  ({backend}: {self.plan.report_rows:,} deliveries made in {seconds:.1f} s)")
+            yield url
+
+    def report(self, url: str) -> Sample:
+        result = self.clara("report", CAMPAIGN, env=self.clara_env(url), timeout=600)
+        if result.returncode != 0:
+            raise BenchError(f"clara-mail report: {result.first_error_line()}")
+        sent = 880 * self.plan.report_rows // 1000  # what bench_report_data writes
+        digits = re.sub(r"[,.\s\u00a0\u202f]", "", result.stdout)
+        if str(sent) not in digits:
+            raise BenchError(f"the report does not show the {sent} sent deliveries")
+        return Sample(result.seconds, result.rss_mb, result.seconds)
+
+    # ---- row 9: DKIM
+
+    def dkim(self) -> list[dict[str, Any]]:
+        cmd = [sys.executable, str(HERE / "bench_dkim.py"), "--message", str(self.message)]
+        cmd += ["--messages", str(self.plan.dkim_messages)]
+        result = timed(cmd, cwd=self.workdir)
+        if result.returncode != 0:
+            raise BenchError(f"bench_dkim: {result.first_error_line()}")
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    # ---- the run
+
+    def run(self) -> None:
+        self.sink.start()
+        try:
+            self.prepare_message()
+            for rep in range(1, self.plan.reps + 1):
+                print(f"repetition {rep} of {self.plan.reps}", flush=True)
+                self.one_repetition()
+            self.memory_rows()
+            self.other_benchmarks()
+        finally:
+            self.sink.stop()
+            self.dbs.drop_all()
+
+    def one_repetition(self) -> None:
+        n = self.plan.recipients
+        self.attempt(
+            self.row("source", "1. smtp-source, 4 conns, connection reuse (-d)", "msg/s"),
+            lambda: self.smtp_source(reuse=True),
+        )
+        self.attempt(
+            self.row(
+                "source-new", "1b. smtp-source, 4 conns, new conn per msg", "msg/s", ratio=True
+            ),
+            lambda: self.smtp_source(reuse=False),
+        )
+        for key, label, mode, conns in (
+            ("smtplib", "2. smtplib, 1 conn, EmailMessage per rcpt", "smtplib-emailmessage", 1),
+            (
+                "aio-msg",
+                "3. aiosmtplib, 4 conns, EmailMessage per rcpt",
+                "aiosmtplib-emailmessage",
+                4,
+            ),
+            ("aio-bytes", "4. aiosmtplib, 4 conns, bytes prepared", "aiosmtplib-bytes", 4),
+        ):
+            self.attempt(
+                self.row(key, label, "msg/s", ratio=True), partial(self.client, mode, conns)
+            )
+        for backend in self.dbs.backends:
+            for conc in self.plan.concurrencies:
+                row = self.row(
+                    f"send-{backend}-c{conc}",
+                    f"5. clara-mail send, {backend}, --concurrency {conc}",
+                    "msg/s",
+                    ratio=True,
+                    goal=f">= {SEND_GOAL_RATIO}x smtp-source",
+                )
+                self.attempt(row, partial(self.clara_send, backend, conc, n))
+        if (REPO / "clara_mailer" / "dkim.py").exists():
+            row = self.row(
+                "send-dkim", "9b. clara-mail send, sqlite, c4, DKIM signed", "msg/s", ratio=True
+            )
+            dkim_env = {
+                "CLARA_DKIM_DOMAIN": "clara.example",
+                "CLARA_DKIM_SELECTOR": "bench",
+                "CLARA_DKIM_KEY_FILE": str(self.dkim_key()),
+            }
+            self.attempt(row, lambda: self.clara_send("sqlite", 4, n, dkim_env))
+        for backend in self.dbs.backends:
+            row = self.row(
+                f"import-{backend}",
+                f"7. import {self.plan.import_rows:,}-row CSV, {backend}",
+                "rows/s",
+                goal=f">= {IMPORT_GOAL_ROWS:,.0f} rows/s",
+            )
+            self.attempt(row, partial(self.import_rate, backend))
+        if (REPO / "clara_mailer" / "report.py").exists():
+            self.report_rows()
+        else:
+            self.row("report", "8. report (clara_mailer/report.py not there yet)", "s")
+        if (HERE / "bench_dkim.py").exists():
+            self.dkim_rows()
+
+    def report_rows(self) -> None:
+        # The log is made once per backend and repetition: the report reads, never writes.
+        for backend in self.dbs.backends:
+            row = self.row(
+                f"report-{backend}",
+                f"8. report over {self.plan.report_rows:,} deliveries, {backend}",
+                "s",
+                goal=f"< {REPORT_GOAL_SECONDS:g} s",
+            )
+            try:
+                with self.report_log(backend) as url:
+                    self.attempt(row, partial(self.report, url))
+            except Exception as exc:  # the log itself failed: say so in the table
+                row.errors.append(f"making the log: {str(exc).splitlines()[0][:120]}")
+
+    def dkim_rows(self) -> None:
+        try:
+            results = self.dkim()
+        except BenchError as exc:
+            self.row("dkim", "9. DKIM signing", "ms/msg").errors.append(str(exc))
+            return
+        for item in results:
+            row = self.row(f"dkim-{item['signer']}", f"9. DKIM sign, {item['signer']}", "ms/msg")
+            if item["verified"]:
+                row.samples.append(Sample(item["ms_per_message"]))
+            else:
+                row.errors.append("signature did not verify")
+
+    def memory_rows(self) -> None:
+        small, big = self.plan.memory_sizes
+        print(f"peak memory of clara-mail send, {small:,} and {big:,} recipients", flush=True)
+        for count in (small, big):
+            row = self.row(
+                f"mem-{count}",
+                f"6. clara-mail send peak RSS, {count:,} rcpts, sqlite, c4",
+                "msg/s",
+                goal=f"<= {MEMORY_GOAL_MB:g} MB, flat",
+            )
+            self.attempt(row, partial(self.clara_send, "sqlite", 4, count))
+
+    def other_benchmarks(self) -> None:
+        """The render, import and transport benchmarks other engineers own, as they print."""
+        for name in ("bench_render.py", "bench_transport.py", "bench_import.py"):
+            script = HERE / name
+            if not script.exists():
+                continue
+            cmd = [sys.executable, str(script)]
+            if self.args.quick:
+                help_text = subprocess.run(
+                    [*cmd, "--help"], capture_output=True, text=True, cwd=self.workdir
+                ).stdout
+                cmd += ["--quick"] if "--quick" in help_text else []
+            print(f"running {name}", flush=True)
+            try:
+                result = timed(cmd, cwd=self.workdir, env=self.clara_env("sqlite://"), timeout=1800)
+                output = result.stdout.strip() or result.first_error_line()
+                if result.returncode != 0:
+                    output += f"\n(exit status {result.returncode}: {result.first_error_line()})"
+            except subprocess.TimeoutExpired:
+                output = "(timed out after 30 minutes)"
+            self.others.append((name, output))
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("s", "ms/msg"):
+        return f"{value:.3g}" if value < 10 else f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def verdict(row: Row, source: float | None) -> str:
+    median = row.median()
+    if median is None:
+        return ""
+    if row.key.startswith("send-") and row.goal and source:
+        return "meets" if median / source >= SEND_GOAL_RATIO else "MISSES"
+    if row.key.startswith("import-"):
+        return "meets" if median >= IMPORT_GOAL_ROWS else "MISSES"
+    if row.key.startswith("report-"):
+        return "meets" if median < REPORT_GOAL_SECONDS else "MISSES"
+    if row.key.startswith("mem-"):
+        rss = row.rss()
+        return "" if rss is None else ("meets" if rss <= MEMORY_GOAL_MB else "MISSES")
+    return ""
+
+
+def _row_number(label: str) -> tuple[int, str]:
+    number, _, _ = label.partition(".")
+    digits = "".join(c for c in number if c.isdigit())
+    return (int(digits) if digits else 99, number)
+
+
+def render_table(bench: Bench) -> str:
+    rows = sorted(bench.rows.values(), key=lambda r: _row_number(r.label))
+    source_row = bench.rows.get("source")
+    source = source_row.median() if source_row else None
+    header = ["row", "figure: median [min-max]", "peak RSS MB", "x smtp-source", "goal", ""]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row.samples:
+            values = [s.value for s in row.samples]
+            figure = f"{fmt(row.median(), row.unit)} {row.unit}"
+            if len(values) > 1:
+                figure += f" [{fmt(min(values), row.unit)}-{fmt(max(values), row.unit)}]"
+        else:
+            figure = "not measured"
+        if row.errors:
+            figure += f" ({len(row.errors)} failed: {row.errors[-1]})"
+        rss = row.rss()
+        median = row.median()
+        ratio = ""
+        if (row.ratio or row.key == "source") and source and median is not None:
+            ratio = f"{median / source:.2f}x"
+        cells = [row.label, figure, "-" if rss is None else f"{rss:.0f}", ratio, row.goal]
+        cells.append(verdict(row, source))
+        lines.append("| " + " | ".join(cells) + " |")
+    small, big = bench.plan.memory_sizes
+    mem_small = bench.rows.get(f"mem-{small}")
+    mem_big = bench.rows.get(f"mem-{big}")
+    if mem_small and mem_big and mem_small.rss() and mem_big.rss():
+        a, b = mem_small.rss(), mem_big.rss()
+        assert a is not None and b is not None
+        flat = "flat" if b <= a * 1.15 + 2 else "GROWS"
+        lines.append(
+            f"\nPeak RSS of clara-mail send: {a:.0f} MB at {small:,} recipients, "
+            f"{b:.0f} MB at {big:,} ({b - a:+.0f} MB): {flat}."
+        )
+    return "\n".join(lines)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        plan = Plan(
+            recipients=2000,
+            reps=1,
+            import_rows=50_000,
+            report_rows=100_000,
+            memory_sizes=(1000, 10_000),
+            dkim_messages=50,
+        )
+    else:
+        plan = Plan(
+            recipients=20_000,
+            reps=3,
+            import_rows=1_000_000,
+            report_rows=1_000_000,
+            memory_sizes=(10_000, 1_000_000 if args.million else 100_000),
+            dkim_messages=300,
+        )
+    if args.recipients:
+        plan.recipients = args.recipients
+    if args.reps:
+        plan.reps = args.reps
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small inputs, 1 rep")
+    parser.add_argument("--million", action="store_true", help="peak memory at 1,000,000 too")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    parser.add_argument("--recipients", type=int, help="recipients per send (default 20,000)")
+    parser.add_argument("--port", type=int, default=25999, help="smtp-sink port on 127.0.0.1")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("CLARA_BENCH_POSTGRES_URL")
+        or os.environ.get("CLARA_TEST_POSTGRES_URL"),
+        help="admin URL of a PostgreSQL server (default: $CLARA_BENCH_POSTGRES_URL, "
+        "$CLARA_TEST_POSTGRES_URL); scratch databases are made and dropped there",
+    )
+    parser.add_argument("--workdir", type=Path, help="where inputs and results go")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+
+    for tool in ("smtp-sink", "smtp-source", GNU_TIME):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found: run benchmarks/run.sh, which installs it")
+            return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clara-bench."))
+    workdir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (run.sh's trap, a CI timeout) unwinds like Ctrl-C: the sink is stopped
+    # and the scratch databases dropped by the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    plan = make_plan(args)
+    print(f"work directory: {workdir}")
+    print(f"plan: {json.dumps(asdict(plan))}, postgres: {'yes' if args.postgres else 'no'}")
+    bench = Bench(args, plan, workdir)
+    started = time.perf_counter()
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        print("interrupted")
+        return 130
+    table = render_table(bench)
+    elapsed = time.perf_counter() - started
+    print()
+    print(f"## clara-mail benchmark ({plan.reps} rep(s), {plan.recipients:,} recipients a send)")
+    print(f"message: {bench.message.stat().st_size:,} bytes from {bench.message_source}")
+    print(table)
+    for name, output in bench.others:
+        print(f"\n### {name}\n{output}")
+    print(f"\nwall time {elapsed / 60:.1f} min; load average now {os.getloadavg()[0]:.2f}")
+    results = {
+        "plan": asdict(plan),
+        "message_source": bench.message_source,
+        "rows": [asdict(r) for r in bench.rows.values()],
+        "others": bench.others,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    (workdir / "table.md").write_text(table + "\n")
+    print(f"results: {workdir / 'results.json'}, {workdir / 'table.md'}")
+    if not args.keep and not args.workdir:
+        for pattern in ("*.db*", "*.csv"):
+            for path in workdir.glob(pattern):
+                path.unlink()
+    failed = any(r.errors for r in bench.rows.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

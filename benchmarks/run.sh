@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The clara-mail benchmark (issue 9): one command for every figure. See benchmarks/README.md.
+#
+#   benchmarks/run.sh            # 3 repetitions, 20,000 recipients a send (~15-25 min)
+#   benchmarks/run.sh --quick    # smoke run: 1 repetition, small inputs (~2 min)
+#   benchmarks/run.sh --million  # also peak memory of a 1,000,000-recipient send
+#
+# Other options go to benchmarks/harness.py (--reps, --recipients, --port, --postgres URL,
+# --workdir, --keep). It installs what it needs (Debian: postfix for smtp-sink and
+# smtp-source, time for GNU time), talks to 127.0.0.1 only, and stops what it started.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+python="${CLARA_BENCH_PYTHON:-}"
+if [[ -z "$python" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
+    elif [[ -x /work/venv/bin/python ]]; then python=/work/venv/bin/python
+    else python="$(command -v python3)"; fi
+fi
+
+apt_install() {
+    # Wait for another apt/dpkg run instead of failing on its lock.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 "$@" >/dev/null
+}
+
+need_packages=()
+command -v smtp-sink >/dev/null && command -v smtp-source >/dev/null || need_packages+=(postfix)
+[[ -x /usr/bin/time ]] || need_packages+=(time)
+installed_postfix=no
+if ((${#need_packages[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: needs Debian packages ${need_packages[*]}: run as root or install them" >&2
+        exit 2
+    fi
+    echo "installing ${need_packages[*]} ..."
+    # Postfix only for its test tools: "No configuration", and no daemon left running.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null || true
+    apt_install "${need_packages[@]}"
+    [[ " ${need_packages[*]} " == *" postfix "* ]] && installed_postfix=yes
+fi
+# The postfix package's scripts may start the mail system (policy-rc.d permitting): a
+# master we caused must not outlive us. One that ran before us is not ours to stop.
+if [[ $installed_postfix == yes ]] && command -v postfix >/dev/null \
+    && postfix status >/dev/null 2>&1; then
+    echo "stopping the postfix master the package install started"
+    postfix stop >/dev/null 2>&1 || true
+fi
+for tool in smtp-sink smtp-source; do
+    command -v "$tool" >/dev/null || { echo "error: $tool missing after install" >&2; exit 2; }
+done
+
+workdir="$(mktemp -d "${TMPDIR:-/tmp}/clara-bench.XXXXXX")"
+pidfile="$workdir/pids"
+: >"$pidfile"
+harness_pid=""
+
+cleanup() {
+    # The harness stops its own sink; this is the backstop if it died or was killed.
+    if [[ -n "$harness_pid" ]] && kill -0 "$harness_pid" 2>/dev/null; then
+        kill -TERM "$harness_pid" 2>/dev/null || true
+        wait "$harness_pid" 2>/dev/null || true
+    fi
+    while read -r pid; do
+        [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
+    done <"$pidfile"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+cd "$repo"
+"$python" "$here/harness.py" --workdir "$workdir" "$@" &
+harness_pid=$!
+status=0
+wait "$harness_pid" || status=$?
+harness_pid=""
+exit "$status"

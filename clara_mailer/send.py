@@ -1,0 +1,729 @@
+"""Sending a campaign: plan, claim, render, send, record.
+
+``prepare_send`` plans the delivery rows (idempotent) and checks the campaign;
+``run_send`` drives one worker: a producer claims leased batches from the delivery log,
+re-checks opt-outs, renders each message (per-variant preparation lives in render.py),
+commits ``sending`` and hands the bytes to a pool of transport connections; a recorder
+writes outcomes back in small batches. All SQL is in deliverylog.py; all SMTP in
+transport.py. Several workers (processes, machines) can run the same campaign at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
+
+from .campaigns import CampaignDef, load_campaign, template_hash
+from .config import Settings
+from .db import Database
+from .deliverylog import ClaimedRow, DeliveryLog, Outcome, add_campaign_row, segment_ids
+from .errors import CheckFailed, MailerError, NotFound, SendError
+from .models import Campaign, Delivery, Recipient, Segment, Status, recipient_segments, utcnow
+from .render import RecipientView, Renderer, check_campaign
+from .suppressions import active_suppressions
+from .tokens import TokenSigner, verp_address
+from .transport import Connection, SendResult, Transport, transport_from_settings
+from .transport import Outcome as SmtpOutcome
+
+T = TypeVar("T")
+
+#: How often outcomes are written back. A crash leaves as ``unknown`` the rows in flight
+#: plus the replies of the last FLUSH_SECONDS; a commit this often costs next to nothing.
+FLUSH_SECONDS = 0.05
+
+#: Statuses that still have work to do.
+OPEN_STATUSES = (Status.QUEUED, Status.DEFERRED, Status.SENDING)
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    segments: tuple[str, ...] = ()
+    limit: int | None = None
+    concurrency: int = 4
+    rate: float | None = None  # messages per second, for the whole campaign
+    resend_unknown: bool = False
+    allow_changed_templates: bool = False
+    worker_id: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a send will do, shown before asking to go ahead."""
+
+    campaign: CampaignDef
+    campaign_id: int
+    segments: tuple[str, ...]
+    added: int
+    skipped: int
+    requeued_unknown: int
+    counts: dict[str, dict[str, int]]  # segment -> status -> count
+
+    def total(self, *statuses: str) -> int:
+        return sum(c.get(s, 0) for c in self.counts.values() for s in statuses)
+
+    @property
+    def to_send(self) -> int:
+        return self.total(Status.QUEUED, Status.DEFERRED)
+
+
+@dataclass
+class Progress:
+    """A snapshot handed to the progress callback a few times a second."""
+
+    done: int
+    total: int
+    counts: Counter[str]
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class SendSummary:
+    campaign: str
+    transport: str
+    network: bool
+    counts: Counter[str] = field(default_factory=Counter)  # outcomes in this run
+    totals: dict[str, int] = field(default_factory=dict)  # whole campaign, after the run
+    next_due: dt.datetime | None = None
+    interrupted: bool = False
+    elapsed: float = 0.0
+
+    @property
+    def attempted(self) -> int:
+        return sum(v for k, v in self.counts.items() if k != Status.SKIPPED)
+
+    def next_steps(self) -> list[str]:
+        steps = []
+        deferred = self.totals.get(Status.DEFERRED, 0)
+        if deferred:
+            when = f" after {self.next_due:%Y-%m-%d %H:%M} UTC" if self.next_due else ""
+            steps.append(f"{deferred} deferred: run `clara-mail send {self.campaign}` again{when}")
+        unknown = self.totals.get(Status.UNKNOWN, 0)
+        if unknown:
+            steps.append(
+                f"{unknown} unknown (in flight when a sender stopped): check with the relay, "
+                f"then `clara-mail send {self.campaign} --resend-unknown` (same Message-ID)"
+            )
+        queued = self.totals.get(Status.QUEUED, 0) + self.totals.get(Status.SENDING, 0)
+        if queued:
+            steps.append(f"{queued} not sent yet: run `clara-mail send {self.campaign}` to go on")
+        failed = self.totals.get(Status.FAILED, 0)
+        if failed:
+            steps.append(f"{failed} failed: `clara-mail report {self.campaign} --status failed`")
+        return steps
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptions) -> Plan:
+    """Check the campaign, then create the delivery rows for the chosen segments."""
+    defn = load_campaign(settings, slug)
+    problems = check_campaign(settings, slug)
+    if problems:
+        raise CheckFailed(slug, problems)
+    segments = options.segments or defn.default_segments
+    if not segments:
+        raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
+    signer = TokenSigner(db.secret_key(settings))
+    digest = template_hash(defn)
+    with db.session() as s:
+        ids = segment_ids(s, segments)
+        missing = sorted(set(segments) - {slug for _, slug in ids})
+        if missing:
+            known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
+            raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
+        campaign = add_campaign_row(s, defn.slug, defn.kind)
+        changed = campaign.template_hash and campaign.template_hash != digest
+        if changed and not options.allow_changed_templates:
+            raise SendError(
+                f"the templates of {slug!r} changed since its first message went out; "
+                "resume anyway with --allow-changed-templates"
+            )
+        campaign.template_hash = digest
+        if options.rate is not None:
+            campaign.rate_limit = options.rate
+        campaign_id = campaign.id
+    log = DeliveryLog(db, campaign_id, options.worker_id)
+    planned = log.plan(ids, signer, defn.kind)
+    requeued = log.requeue_unknown() if options.resend_unknown else 0
+    return Plan(
+        campaign=defn,
+        campaign_id=campaign_id,
+        segments=tuple(segments),
+        added=planned.added,
+        skipped=planned.skipped,
+        requeued_unknown=requeued,
+        counts=log.status_counts(segments),
+    )
+
+
+# -- the worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    row: ClaimedRow
+    envelope_from: str
+    recipient: str
+    data: bytes
+
+
+class _Worker:
+    """One sender process's share of a campaign: producer, connections, recorder."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        plan: Plan,
+        options: SendOptions,
+        transport: Transport,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.plan = plan
+        self.options = options
+        self.transport = transport
+        self.progress = progress
+        self.log = DeliveryLog(db, plan.campaign_id, options.worker_id)
+        self.signer = TokenSigner(db.secret_key(settings))
+        self.renderer = Renderer(plan.campaign, settings, self.signer, plan.campaign_id)
+        self.dkim = _dkim_signer(settings)
+        self.concurrency = max(1, options.concurrency)
+        self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=self.concurrency * 4)
+        self.pending: list[Outcome] = []
+        self.inflight = 0
+        self.handed = 0
+        self.counts: Counter[str] = Counter()
+        self.stopping = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clara-db")
+        self.started = time.monotonic()
+        self.delays = settings.retry_in_run_delays
+        self.first_connection: Connection | None = None
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Database work runs on one thread, so the event loop keeps sending meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # producer ------------------------------------------------------------------------
+
+    async def produce(self) -> None:
+        claimed: deque[ClaimedRow] = deque()
+        group_size = self.concurrency * 4
+        batch = max(group_size, self.settings.claim_batch)
+        limit = self.options.limit
+        rate = self.options.rate
+        last_expire = 0.0
+        try:
+            while not self.stopping.is_set():
+                if limit is not None and self.handed >= limit:
+                    break
+                if not claimed:
+                    if time.monotonic() - last_expire > 5:
+                        await self._db(self.log.expire_leases)
+                        last_expire = time.monotonic()
+                    want = batch if limit is None else min(batch, limit - self.handed)
+                    if rate:
+                        want = max(1, min(want, int(rate * 2)))
+                    rows = await self._db(self.log.claim, want, self.settings.lease_seconds)
+                    if not rows:
+                        if not await self._wait_for_more():
+                            break
+                        continue
+                    if rate:
+                        start = await self._db(self.log.reserve_rate_window, len(rows), rate)
+                        await self._sleep_until(start)
+                    claimed.extend(rows)
+                group = [claimed.popleft() for _ in range(min(group_size, len(claimed)))]
+                if limit is not None:
+                    group = group[: limit - self.handed]
+                jobs = await self._prepare(group)
+                for job in jobs:
+                    if rate:
+                        await self._pace(rate)
+                    self.inflight += 1
+                    self.handed += 1
+                    await self.queue.put(job)
+        finally:
+            if claimed:
+                await self._db(self.log.release, [r.id for r in claimed])
+            for _ in range(self.concurrency):
+                await self.queue.put(None)
+
+    async def _wait_for_more(self) -> bool:
+        """Nothing claimable now: wait for our own in-flight outcomes and for short
+        in-run retries that fall due soon. False when this run is done."""
+        while self.inflight or self.pending:
+            if self.stopping.is_set():
+                return False
+            await self._flush()
+            await asyncio.sleep(0.02)
+        next_due = await self._db(self.log.next_due)
+        window = max(self.delays, default=0.0) + 1.0
+        now = utcnow()
+        if next_due is not None and next_due <= now + dt.timedelta(seconds=window):
+            await self._sleep_until(next_due)
+            return True
+        # A dead local worker's claims come back at once; a live one's when it is done.
+        return await self._db(self.log.expire_leases) > 0
+
+    async def _sleep_until(self, when: dt.datetime) -> None:
+        delay = (when - utcnow()).total_seconds()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+
+    _next_slot = 0.0
+
+    async def _pace(self, rate: float) -> None:
+        now = time.monotonic()
+        self._next_slot = max(self._next_slot, now)
+        wait = self._next_slot - now
+        self._next_slot += 1.0 / rate
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _prepare(self, group: list[ClaimedRow]) -> list[_Job]:
+        """Re-check opt-outs, render, and commit ``sending`` for what will go out."""
+        kind = self.plan.campaign.kind
+        now = utcnow()
+        hashes = {r.id: self.signer.address_hash(r.email) for r in group if r.email}
+        suppressed = await self._db(self._suppressed, list(hashes.values()), kind)
+        jobs: list[_Job] = []
+        expire = dt.timedelta(seconds=self.settings.retry_expire)
+        for row in group:
+            if row.email is None or row.recipient_id is None:
+                self._outcome(row, Status.SKIPPED, None, "recipient erased", now, attempt=False)
+                continue
+            reason = suppressed.get(hashes[row.id])
+            if reason:
+                self._outcome(
+                    row, Status.SKIPPED, None, f"suppressed: {reason}", now, attempt=False
+                )
+                continue
+            if row.first_attempt_at is not None and now - row.first_attempt_at > expire:
+                self._outcome(
+                    row,
+                    Status.FAILED,
+                    None,
+                    "gave up: still deferred after the retry period",
+                    now,
+                    attempt=False,
+                )
+                continue
+            view = RecipientView(
+                id=row.recipient_id,
+                email=row.email,
+                name=row.name,
+                organisation=row.organisation,
+                language=row.language,
+                segment=row.segment,
+            )
+            try:
+                data = self.renderer.render(view, smtputf8=not _local_part(row.email).isascii())
+            except MailerError as exc:
+                self._outcome(row, Status.FAILED, None, f"cannot render: {exc}", now)
+                continue
+            if self.dkim is not None:
+                data = self.dkim.sign(data)
+            envelope_from = self.plan.campaign.sender
+            if self.settings.bounce_address:
+                token = self.signer.sign("b", self.plan.campaign_id, row.recipient_id)
+                envelope_from = verp_address(self.settings.bounce_address, token)
+            jobs.append(_Job(row, envelope_from, row.email, data))
+        if jobs:
+            message_ids = [self.renderer.message_id(_view(j.row)) for j in jobs]
+            await self._db(self.log.mark_sending, [j.row.id for j in jobs], message_ids)
+        return jobs
+
+    def _suppressed(self, hashes: list[str], kind: str) -> dict[str, str]:
+        with self.db.session() as s:
+            return active_suppressions(s, hashes, kind)
+
+    # connections ---------------------------------------------------------------------
+
+    async def connection_loop(self, first: Connection | None) -> None:
+        conn = first
+        backoff = 0.0
+        while True:
+            job = await self.queue.get()
+            if job is None:
+                break
+            if self.stopping.is_set():
+                # Stopping: what is not on the wire yet goes back to the queue, untouched.
+                self.inflight -= 1
+                self.pending.append(
+                    Outcome(job.row.id, Status.QUEUED, None, "", utcnow(), None, False)
+                )
+                continue
+            if conn is None:
+                try:
+                    conn = await self.transport.connect()
+                except MailerError as exc:
+                    result = SendResult(SmtpOutcome.DEFERRED, 0, f"cannot connect: {exc}", True)
+                    self._result(job, result)
+                    backoff = min(max(1.0, backoff * 2), 60.0)
+                    await self._sleep(backoff)
+                    continue
+            result = await conn.send(job.envelope_from, job.recipient, job.data)
+            self._result(job, result)
+            if result.connection_broken:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                conn = None
+                # 421 and dropped connections back off the whole connection.
+                backoff = min(max(1.0, backoff * 2), 60.0)
+                await self._sleep(backoff)
+            else:
+                backoff = 0.0
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+
+    def _result(self, job: _Job, result: SendResult) -> None:
+        now = utcnow()
+        self.inflight -= 1
+        reply = f"{result.code} {result.reply}".strip() if result.code else result.reply
+        code = result.code or None
+        if result.outcome == SmtpOutcome.SENT:
+            self._outcome(job.row, Status.SENT, code, reply, now)
+        elif result.outcome == SmtpOutcome.FAILED:
+            self._outcome(job.row, Status.FAILED, code, reply, now)
+        elif result.outcome == SmtpOutcome.UNKNOWN:
+            self._outcome(job.row, Status.UNKNOWN, code, reply, now)
+        else:
+            attempts = job.row.attempts + 1
+            first = job.row.first_attempt_at or now
+            retry_at = now + dt.timedelta(seconds=self._delay(attempts))
+            # Give up when the next try would fall after the retry period (Postfix's
+            # maximal_queue_lifetime): a newsletter goes stale.
+            if retry_at > first + dt.timedelta(seconds=self.settings.retry_expire):
+                self._outcome(job.row, Status.FAILED, code, f"gave up after retries: {reply}", now)
+            else:
+                self._outcome(job.row, Status.DEFERRED, code, reply, now, next_attempt_at=retry_at)
+
+    def _delay(self, attempts: int) -> float:
+        if attempts <= len(self.delays):
+            return self.delays[attempts - 1]
+        extra = attempts - len(self.delays) - 1
+        return float(min(self.settings.retry_initial * 2**extra, self.settings.retry_max))
+
+    def _outcome(
+        self,
+        row: ClaimedRow,
+        status: str,
+        code: int | None,
+        reply: str,
+        at: dt.datetime,
+        *,
+        next_attempt_at: dt.datetime | None = None,
+        attempt: bool = True,
+    ) -> None:
+        self.pending.append(Outcome(row.id, status, code, reply, at, next_attempt_at, attempt))
+        self.counts[status] += 1
+
+    # recorder and housekeeping -------------------------------------------------------
+
+    async def _flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            await self._db(self.log.record, batch)
+
+    async def recorder(self, done: asyncio.Event) -> None:
+        last_renew = time.monotonic()
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=FLUSH_SECONDS)
+            await self._flush()
+            if time.monotonic() - last_renew > self.settings.lease_seconds / 3:
+                await self._db(self.log.renew, self.settings.lease_seconds)
+                last_renew = time.monotonic()
+            if self.progress is not None:
+                self.progress(self.snapshot())
+        await self._flush()
+
+    def snapshot(self) -> Progress:
+        total = self.plan.to_send
+        if self.options.limit is not None:
+            total = min(total, self.options.limit)
+        done = sum(self.counts.values())
+        return Progress(
+            done, max(total, done), Counter(self.counts), time.monotonic() - self.started
+        )
+
+    async def run(self) -> None:
+        # Connect once before claiming anything, so a wrong SMTP URL or a server that is
+        # down fails the whole run at once with a clear error and touches no row.
+        self.first_connection = await self.transport.connect()
+        done = asyncio.Event()
+        recorder = asyncio.create_task(self.recorder(done))
+        try:
+            connections = [
+                asyncio.create_task(self.connection_loop(self.first_connection if i == 0 else None))
+                for i in range(self.concurrency)
+            ]
+            await self.produce()
+            await asyncio.gather(*connections)
+        finally:
+            done.set()
+            await recorder
+            self.executor.shutdown(wait=True)
+
+
+def _local_part(address: str) -> str:
+    return address.rpartition("@")[0]
+
+
+def _view(row: ClaimedRow) -> RecipientView:
+    return RecipientView(
+        id=row.recipient_id or 0,
+        email=row.email or "",
+        name=row.name,
+        organisation=row.organisation,
+        language=row.language,
+        segment=row.segment,
+    )
+
+
+def _dkim_signer(settings: Settings) -> Any:
+    if not (settings.dkim_domain and settings.dkim_selector and settings.dkim_key_file):
+        return None
+    from .dkim import DkimSigner
+
+    return DkimSigner.from_settings(settings)
+
+
+def run_send(
+    db: Database,
+    settings: Settings,
+    plan: Plan,
+    options: SendOptions,
+    *,
+    transport: Transport | None = None,
+    progress: ProgressCallback | None = None,
+    handle_signals: bool = True,
+) -> SendSummary:
+    """Send what is due for ``plan`` and return what happened.
+
+    Ctrl-C (SIGINT) or SIGTERM stops claiming, lets in-flight messages finish, records
+    them, and returns with ``interrupted`` set.
+    """
+    transport = transport or transport_from_settings(settings, plan.campaign.slug)
+    summary = SendSummary(plan.campaign.slug, transport.description, transport.network)
+    started = time.monotonic()
+    _mark_started(db, plan.campaign_id)
+
+    async def main() -> None:
+        worker = _Worker(db, settings, plan, options, transport, progress)
+        loop = asyncio.get_running_loop()
+        installed = []
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, worker.stopping.set)
+                    installed.append(sig)
+        try:
+            await worker.run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            summary.counts = worker.counts
+            summary.interrupted = worker.stopping.is_set()
+            if progress is not None:
+                progress(worker.snapshot())
+
+    _run_async(main())
+    summary.elapsed = time.monotonic() - started
+    log = DeliveryLog(db, plan.campaign_id)
+    totals: Counter[str] = Counter()
+    for per_status in log.status_counts().values():
+        totals.update(per_status)
+    summary.totals = dict(totals)
+    summary.next_due = log.next_due()
+    if not any(totals.get(s, 0) for s in OPEN_STATUSES):
+        _mark_finished(db, plan.campaign_id)
+    return summary
+
+
+def _run_async(coro: Awaitable[None]) -> None:
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _mark_started(db: Database, campaign_id: int) -> None:
+    with db.session() as s:
+        campaign = s.get(Campaign, campaign_id)
+        if campaign is not None and campaign.started_at is None:
+            campaign.started_at = utcnow()
+
+
+def _mark_finished(db: Database, campaign_id: int) -> None:
+    with db.session() as s:
+        campaign = s.get(Campaign, campaign_id)
+        if campaign is not None:
+            campaign.finished_at = utcnow()
+
+
+# -- dry runs and test sends ----------------------------------------------------------------
+
+
+@dataclass
+class DryRun:
+    campaign: str
+    rendered: Counter[str] = field(default_factory=Counter)  # segment -> messages
+    suppressed: int = 0
+    problems: list[str] = field(default_factory=list)
+    largest: int = 0
+
+
+def dry_run(db: Database, settings: Settings, slug: str, options: SendOptions) -> DryRun:
+    """Render every message the send would make, write nothing, send nothing."""
+    defn = load_campaign(settings, slug)
+    problems = check_campaign(settings, slug)
+    if problems:
+        raise CheckFailed(slug, problems)
+    segments = options.segments or defn.default_segments
+    signer = TokenSigner(db.secret_key(settings))
+    result = DryRun(slug)
+    with db.session() as s:
+        ids = segment_ids(s, segments)
+        missing = sorted(set(segments) - {slug for _, slug in ids})
+        if missing:
+            raise NotFound(f"unknown segment {missing[0]!r}")
+        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == slug)) or 0
+    renderer = Renderer(defn, settings, signer, campaign_id)
+    seen: set[int] = set()
+    for segment_id, segment in ids:
+        after = 0
+        while True:
+            with db.session() as s:
+                members = (
+                    s.execute(
+                        select(Recipient)
+                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+                        .where(recipient_segments.c.segment_id == segment_id, Recipient.id > after)
+                        .order_by(Recipient.id)
+                        .limit(1000)
+                    )
+                    .scalars()
+                    .all()
+                )
+                hashes = {m.id: signer.address_hash(m.email) for m in members}
+                suppressed = active_suppressions(s, hashes.values(), defn.kind)
+            if not members:
+                break
+            after = members[-1].id
+            for m in members:
+                if m.id in seen:
+                    continue
+                seen.add(m.id)
+                if hashes[m.id] in suppressed:
+                    result.suppressed += 1
+                    continue
+                view = RecipientView(m.id, m.email, m.name, m.organisation, m.language, segment)
+                try:
+                    data = renderer.render(view, smtputf8=not _local_part(m.email).isascii())
+                except MailerError as exc:
+                    result.problems.append(f"{m.email}: {exc}")
+                    continue
+                result.rendered[segment] += 1
+                result.largest = max(result.largest, len(data))
+    return result
+
+
+def send_test(
+    db: Database,
+    settings: Settings,
+    slug: str,
+    address: str,
+    segments: tuple[str, ...] = (),
+    *,
+    transport: Transport | None = None,
+) -> list[tuple[str, str, SendResult]]:
+    """Send one sample per variant (language x segment) to ``address``; log untouched."""
+    defn = load_campaign(settings, slug)
+    problems = check_campaign(settings, slug)
+    if problems:
+        raise CheckFailed(slug, problems)
+    signer = TokenSigner(db.secret_key(settings))
+    with db.session() as s:
+        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == slug)) or 0
+        known = set(s.scalars(select(Segment.slug)))
+    chosen = segments or defn.default_segments
+    for segment in chosen:
+        if segment not in known:
+            raise NotFound(f"unknown segment {segment!r}")
+    renderer = Renderer(defn, settings, signer, campaign_id)
+    transport = transport or transport_from_settings(settings, f"{slug}-test")
+    results: list[tuple[str, str, SendResult]] = []
+
+    async def main() -> None:
+        conn = await transport.connect()
+        try:
+            for language in defn.languages:
+                for segment in chosen:
+                    view = RecipientView(0, address, "", "", language, segment)
+                    data = renderer.render(view, smtputf8=not _local_part(address).isascii())
+                    result = await conn.send(defn.sender, address, data)
+                    results.append((language, segment, result))
+        finally:
+            await conn.close()
+
+    _run_async(main())
+    return results
+
+
+def campaign_counts(db: Database, slug: str) -> dict[str, int]:
+    """status -> count for a campaign (empty when it has no delivery log)."""
+    with db.session() as s:
+        rows = s.execute(
+            select(Delivery.status, func.count())
+            .join(Campaign, Campaign.id == Delivery.campaign_id)
+            .where(Campaign.slug == slug)
+            .group_by(Delivery.status)
+        ).all()
+    return {status: count for status, count in rows}
+
+
+class Interrupted(SendError):
+    exit_code = 130
+
+
+__all__ = [
+    "DryRun",
+    "Interrupted",
+    "Plan",
+    "Progress",
+    "SendOptions",
+    "SendSummary",
+    "dry_run",
+    "prepare_send",
+    "run_send",
+    "send_test",
+]

@@ -1,0 +1,178 @@
+"""Several sender processes on one database share a campaign (issue: scale-out).
+
+Runs on both backends: PostgreSQL coordinates with FOR UPDATE SKIP LOCKED; SQLite
+serialises the short claim transactions (BEGIN IMMEDIATE) on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from clara_mailer.config import Settings
+from clara_mailer.db import Database
+from clara_mailer.dbcopy import copy_database
+from clara_mailer.deliverylog import DeliveryLog
+from clara_mailer.errors import DatabaseError
+from clara_mailer.models import Campaign, Delivery, Recipient
+from clara_mailer.models import utcnow
+from clara_mailer.send import SendOptions, prepare_send, run_send
+from tests.conftest import PG_URL, _new_postgres_database, settings_env
+from tests.send_helpers import add_recipients
+from tests.smtp_server import RecordingSMTPServer
+
+CAMPAIGN = "newsletter-2022-01"
+
+
+def sender(settings: Settings, server: RecordingSMTPServer, cwd: Path, pipe: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url(),
+           "CLARA_CLAIM_BATCH": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "clara_mailer", "send", CAMPAIGN, "--segment", "local-police",
+         "--yes", "--concurrency", "4"],
+        cwd=cwd, env=env, stdout=pipe, stderr=pipe,
+    )
+
+
+def test_three_workers_one_killed_everyone_received_exactly_once(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    total = 5000
+    add_recipients(db, total)
+    # Plan once up front so the three workers start on the same queue at once.
+    prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    with RecordingSMTPServer() as server:
+        workers = [sender(settings, server, tmp_path, pipe) for pipe in
+                   (subprocess.PIPE, subprocess.DEVNULL, subprocess.PIPE)]
+        deadline = time.monotonic() + 240
+        while len(server.messages) < total // 2:
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.01)
+        workers[1].send_signal(signal.SIGKILL)
+        workers[1].wait()  # reaped, as a shell or supervisor would
+        for w in (workers[0], workers[2]):
+            _, err = w.communicate(timeout=300)
+            assert w.returncode == 0, err.decode()
+        received = Counter(r for m in server.messages for r in m.recipients)
+
+    with db.session() as s:
+        rows = s.execute(select(Delivery.email, Delivery.status)).all()
+    statuses = Counter(status for _, status in rows)
+    assert len(rows) == total
+    assert set(statuses) <= {"sent", "unknown"}, statuses
+    assert statuses["unknown"] <= 100  # at most what the killed worker had in flight
+    for address, status in rows:
+        assert received[address] == (1 if status == "sent" else received[address])
+        assert received[address] <= 1
+    # The delivery log's figures match the server's.
+    assert statuses["sent"] == sum(1 for a, s_ in rows if s_ == "sent" and received[a] == 1)
+    assert len(received) >= statuses["sent"]
+
+
+def test_claims_are_disjoint_between_workers(db: Database, settings: Settings) -> None:
+    add_recipients(db, 300)
+    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    a = DeliveryLog(db, plan.campaign_id, "host:1:a")
+    b = DeliveryLog(db, plan.campaign_id, "host:2:b")
+    first = {r.id for r in a.claim(200, 60)}
+    second = {r.id for r in b.claim(200, 60)}
+    assert len(first) == 200 and len(second) == 100
+    assert not first & second
+    assert b.claim(10, 60) == []
+
+
+def test_expired_lease_makes_in_flight_unknown_and_untouched_claimable(
+    db: Database, settings: Settings
+) -> None:
+    add_recipients(db, 10)
+    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    dead = DeliveryLog(db, plan.campaign_id, "otherhost:1:dead")
+    rows = dead.claim(10, lease_seconds=0)
+    dead.mark_sending([r.id for r in rows[:3]], ["<a@x>", "<b@x>", "<c@x>"])
+    time.sleep(0.01)
+    alive = DeliveryLog(db, plan.campaign_id, "host:2:alive")
+    assert alive.expire_leases() == 3
+    again = alive.claim(20, 60)
+    assert {r.id for r in again} == {r.id for r in rows[3:]}
+    with db.session() as s:
+        unknown = s.scalars(select(Delivery.id).where(Delivery.status == "unknown")).all()
+    assert set(unknown) == {r.id for r in rows[:3]}
+
+
+def test_rate_limit_is_shared_through_the_campaign_row(db: Database, settings: Settings) -> None:
+    add_recipients(db, 10)
+    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",), rate=10))
+    a = DeliveryLog(db, plan.campaign_id, "h:1:a")
+    b = DeliveryLog(db, plan.campaign_id, "h:2:b")
+    start_a = a.reserve_rate_window(10, 10.0)
+    start_b = b.reserve_rate_window(10, 10.0)
+    # Worker b may start only when a's ten messages at ten a second are through.
+    assert abs((start_b - start_a).total_seconds() - 1.0) < 0.05
+    with db.session() as s:
+        assert s.scalar(select(Campaign.rate_limit).where(Campaign.id == plan.campaign_id)) == 10
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs the PostgreSQL server")
+def test_claim_path_uses_indexes_on_a_large_campaign(settings: Settings) -> None:
+    url, drop = _new_postgres_database()
+    try:
+        pg = Database(url)
+        pg.ensure_current()
+        with pg.session() as s:
+            s.add(Campaign(slug="big", kind="newsletter"))
+        with pg.engine.begin() as conn:
+            cid = conn.scalar(text("SELECT id FROM campaigns WHERE slug = 'big'"))
+            conn.execute(text(
+                "INSERT INTO deliveries (campaign_id, segment, language, status, attempts, created_at) "
+                "SELECT :c, 'local-police', 'es', "
+                "CASE WHEN g % 50 = 0 THEN 'queued' WHEN g % 97 = 0 THEN 'deferred' ELSE 'sent' END, "
+                "0, now() FROM generate_series(1, 1000000) g"
+            ), {"c": cid})
+            conn.execute(text("ANALYZE deliveries"))
+        log = DeliveryLog(pg, cid, "h:1:x")
+        with pg.engine.connect() as conn:
+            for query in log.claim_queries(utcnow(), 500):
+                compiled = query.compile(pg.engine, compile_kwargs={"literal_binds": True})
+                plan = "\n".join(r[0] for r in conn.execute(text(f"EXPLAIN {compiled}")))
+                assert "Seq Scan on deliveries" not in plan, plan
+                assert "ix_deliveries_claim" in plan, plan
+        pg.dispose()
+    finally:
+        drop()
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs the PostgreSQL server")
+def test_copy_sqlite_registry_and_log_to_postgresql(
+    settings: Settings, tmp_path: Path
+) -> None:
+    source_settings = Settings(**{**vars(settings), "database_url": f"sqlite:///{tmp_path / 'src.db'}"})  # type: ignore[arg-type]
+    source = Database(source_settings.database_url)
+    source.ensure_current()
+    add_recipients(source, 50)
+    opts = SendOptions(segments=("local-police",))
+    plan = prepare_send(source, source_settings, CAMPAIGN, opts)
+    run_send(source, source_settings, plan, opts, handle_signals=False)
+    url, drop = _new_postgres_database()
+    try:
+        target = Database(url)
+        report = copy_database(source, target)
+        assert report.rows["recipients"] == 50 and report.rows["deliveries"] == 50
+        with target.session() as s:
+            assert s.scalar(select(Recipient.id).order_by(Recipient.id.desc()).limit(1)) == 50
+            s.add(Recipient(email="new@x.example", email_key="new@x.example"))
+        with target.session() as s:  # sequences moved past the copied ids
+            assert s.scalar(select(Recipient.id).where(Recipient.email == "new@x.example")) == 51
+        with pytest.raises(DatabaseError, match="empty database"):
+            copy_database(source, target)
+        target.dispose()
+    finally:
+        source.dispose()
+        drop()

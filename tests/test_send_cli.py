@@ -1,0 +1,101 @@
+"""`clara-mail send` through click's CliRunner and as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import Result
+from sqlalchemy import func, select
+
+from clara_mailer.config import Settings
+from clara_mailer.db import Database
+from clara_mailer.models import Delivery
+from tests.conftest import settings_env
+from tests.send_helpers import add_recipients
+from tests.smtp_server import RecordingSMTPServer
+
+Cli = Callable[..., Result]
+
+
+def test_send_shows_the_plan_asks_and_sends(cli: Cli, db: Database, settings: Settings) -> None:
+    add_recipients(db, 6)
+    declined = cli("send", "newsletter-2022-01", "--segment", "local-police", input="n\n")
+    assert declined.exit_code == 1
+    assert "local-police" in declined.output and "Send 6 message(s)?" in declined.output
+    assert not (settings.outbox_dir / "newsletter-2022-01").exists()
+
+    result = cli("send", "newsletter-2022-01", "--segment", "local-police", input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "6 sent" in result.output
+    assert "Nothing went over the network" in result.output
+    assert len(list((settings.outbox_dir / "newsletter-2022-01").glob("*.eml"))) == 6
+
+    again = cli("send", "newsletter-2022-01", "--segment", "local-police", "--yes")
+    assert again.exit_code == 0 and "Nothing to send." in again.output
+
+
+def test_send_errors_are_one_line(cli: Cli, db: Database) -> None:
+    result = cli("send", "no-such-campaign", "--yes")
+    assert result.exit_code != 0
+    assert result.output.count("\n") == 1 and result.output.startswith("Error:")
+    result = cli("send", "newsletter-2022-01", "--segment", "nope", "--yes")
+    assert result.exit_code == 1
+    assert "unknown segment 'nope'" in result.output
+
+
+def test_dry_run_and_test_to(cli: Cli, db: Database, settings: Settings) -> None:
+    add_recipients(db, 4)
+    result = cli("send", "newsletter-2022-01", "--segment", "local-police", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "local-police: 4 message(s) rendered" in result.output
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 0
+    with RecordingSMTPServer() as server:
+        env_cli = Settings(**{**vars(settings), "smtp_url": server.url()})  # type: ignore[arg-type]
+        from click.testing import CliRunner
+
+        from clara_mailer.cli import main
+
+        out = CliRunner().invoke(
+            main, ["send", "newsletter-2022-01", "--segment", "local-police",
+                   "--test-to", "me@clara.example"], env=settings_env(env_cli),
+        )
+        assert out.exit_code == 0, out.output
+        assert {tuple(m.recipients) for m in server.messages} == {("me@clara.example",)}
+        assert len(server.messages) == 2  # es and en for one segment
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 0
+
+
+def test_ctrl_c_finishes_in_flight_records_and_exits_130(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    add_recipients(db, 300)
+    with RecordingSMTPServer() as server:
+        env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url()}
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "clara_mailer", "send", "newsletter-2022-01",
+             "--segment", "local-police", "--yes", "--rate", "50"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while len(server.messages) < 20:
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.01)
+        sender.send_signal(signal.SIGINT)
+        out, err = sender.communicate(timeout=60)
+        received = {r for m in server.messages for r in m.recipients}
+    assert sender.returncode == 130, err.decode()
+    assert b"Interrupted" in err
+    with db.session() as s:
+        rows = s.execute(select(Delivery.email, Delivery.status, Delivery.worker_id)).all()
+    sent = {email for email, status, _ in rows if status == "sent"}
+    assert sent == received
+    assert {status for _, status, _ in rows} == {"sent", "queued"}
+    assert all(worker is None for _, _, worker in rows)
