@@ -3,6 +3,7 @@
 # Private config and Maildirs under $CLARA_DOVECOT_DIR (default /tmp/clara-mail-dovecot),
 # one user with a password, INBOX seeded with tests/bounce_samples when it is empty.
 # Prints the line the tests read:  CLARA_TEST_IMAP_URL=imap://USER:PASS@127.0.0.1:PORT
+# (and CLARA_DOVECOT_STARTED=1 when this run started it rather than found it running).
 # `start-dovecot.sh stop` stops it. Needs root (Dovecot drops to its own users) and
 # Debian's dovecot-imapd.
 set -euo pipefail
@@ -34,6 +35,9 @@ log_path = $DIR/dovecot.log
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+# Tests try a wrong password on purpose: answer at once, and no growing per-IP penalty
+# (anvil-auth-penalty below) that would slow every later login from 127.0.0.1.
+auth_failure_delay = 0
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
 mail_uid = mail
@@ -55,6 +59,11 @@ service imap-login {
     port = 0
   }
 }
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
 service stats {
   unix_listener stats-reader {
     mode = 0666
@@ -67,17 +76,17 @@ CONF
 echo "${USER_NAME}:{PLAIN}${PASSWORD}" > "$DIR/users"
 mkdir -p "$DIR/state"
 # Seed INBOX once, so a person can try `clara-mail bounces import --imap` by hand.
-if [ -d "$SAMPLES" ] && [ -z "$(ls -A "$DIR/home/$USER_NAME/Maildir/new" "$DIR/home/$USER_NAME/Maildir/cur")" ]; then
+if [ -d "$SAMPLES" ] && [ -z "$(find "$DIR/home/$USER_NAME/Maildir" -type f -path '*/new/*' -o -type f -path '*/cur/*' | head -n 1)" ]; then
   n=0
   for f in "$SAMPLES"/*; do
     n=$((n + 1)); cp "$f" "$DIR/home/$USER_NAME/Maildir/new/1643100000.$n.clara-seed"
   done
 fi
 chown -R mail:mail "$DIR/home"
-"$DOVECOT" -c "$CONF"
+"$DOVECOT" -c "$CONF" </dev/null >/dev/null 2>&1
 for _ in $(seq 1 50); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-    echo "CLARA_TEST_IMAP_URL=$URL"; exit 0
+    echo "CLARA_TEST_IMAP_URL=$URL"; echo "CLARA_DOVECOT_STARTED=1"; exit 0
   fi
   sleep 0.1
 done

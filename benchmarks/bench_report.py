@@ -31,10 +31,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_report_data import CAMPAIGN, fill  # noqa: E402
-from clara_mailer.config import Settings  # noqa: E402
-from clara_mailer.db import open_database  # noqa: E402
-from clara_mailer.report import (  # noqa: E402
+from benchmarks.bench_report_data import CAMPAIGN, fill
+from clara_mailer.config import Settings
+from clara_mailer.db import open_database
+from clara_mailer.report import (
     ReportOptions,
     build_report,
     campaign_overview,

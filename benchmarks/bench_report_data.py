@@ -50,6 +50,12 @@ def _series(dialect: str, count: int) -> str:
 def statements(dialect: str, count: int) -> list[str]:
     series = _series(dialect, count)
     now = "CURRENT_TIMESTAMP"
+    # Deferred rows wait for their retry an hour from now, as the sender leaves them.
+    later = (
+        "CURRENT_TIMESTAMP + INTERVAL '1 hour'"
+        if dialect == "postgresql"
+        else "datetime(CURRENT_TIMESTAMP, '+1 hour')"
+    )
     return [
         f"INSERT INTO campaigns (id, slug, kind, created_at, started_at) "
         f"VALUES (1, '{CAMPAIGN}', 'newsletter', {now}, {now})",
@@ -66,7 +72,7 @@ def statements(dialect: str, count: int) -> list[str]:
             JOIN segments ON segments.slug = {SEGMENT_CASE}""",
         f"""INSERT INTO deliveries (id, campaign_id, recipient_id, email, segment, language,
                 status, attempts, smtp_code, smtp_reply, message_id, created_at,
-                first_attempt_at, last_attempt_at, sent_at)
+                first_attempt_at, last_attempt_at, sent_at, next_attempt_at)
             SELECT i, 1, i, 'person' || i || '@recipients.example', {SEGMENT_CASE},
                 CASE WHEN i % 3 = 0 THEN 'en' ELSE 'es' END, {STATUS_CASE},
                 CASE WHEN i % 100 < 97 THEN 1 ELSE 0 END,
@@ -76,7 +82,8 @@ def statements(dialect: str, count: int) -> list[str]:
                      WHEN i % 100 < 93 THEN '5.1.1 User unknown'
                      WHEN i % 100 < 95 THEN '4.7.1 Try again later' ELSE NULL END,
                 '<' || i || '.newsletter-2022-01@clara.example>', {now},
-                {now}, {now}, CASE WHEN i % 100 < 91 THEN {now} ELSE NULL END
+                {now}, {now}, CASE WHEN i % 100 < 91 THEN {now} ELSE NULL END,
+                CASE WHEN i % 100 >= 93 AND i % 100 < 95 THEN {later} ELSE NULL END
             FROM {series}""",
         f"""INSERT INTO bounces (message_key, delivery_id, campaign_id, address_hash, kind,
                 status_code, action, diagnostic, received_at)

@@ -65,6 +65,8 @@ cleanup() {
     while read -r pid; do
         [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
     done <"$pidfile"
+    # Keep the work directory only when it holds results.
+    [[ -f "$workdir/results.json" ]] || rm -rf "$workdir"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -155,7 +155,10 @@ class CsvTable:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = str(path)
-        self.size = path.stat().st_size
+        try:
+            self.size = path.stat().st_size
+        except OSError as exc:
+            raise UnreadableFile(f"cannot open: {exc.strerror}", path=self.name) from None
         encoding = detect_encoding(path)
         self._binary: io.BufferedReader | None = None
         with path.open(encoding=encoding, newline="") as text:

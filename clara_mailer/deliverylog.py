@@ -217,16 +217,20 @@ class DeliveryLog:
             )
             released = 0
             if dead:
-                released = s.connection().execute(
-                    update(Delivery)
-                    .where(
-                        Delivery.campaign_id == self.campaign_id,
-                        Delivery.worker_id.in_(dead),
-                        Delivery.status.in_((Status.QUEUED, Status.DEFERRED)),
+                released = (
+                    s.connection()
+                    .execute(
+                        update(Delivery)
+                        .where(
+                            Delivery.campaign_id == self.campaign_id,
+                            Delivery.worker_id.in_(dead),
+                            Delivery.status.in_((Status.QUEUED, Status.DEFERRED)),
+                        )
+                        .values(worker_id=None, lease_expires_at=None)
+                        .execution_options(synchronize_session=False)
                     )
-                    .values(worker_id=None, lease_expires_at=None)
-                    .execution_options(synchronize_session=False)
-                ).rowcount
+                    .rowcount
+                )
             return (result.rowcount or 0) + (released or 0)
 
     def _local_workers(self, s: Session) -> list[str]:

@@ -116,6 +116,14 @@ def _quote_mailbox(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _reason(exc: BaseException) -> str:
+    """imaplib puts the server's bytes in its exceptions: make them text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    first = exc.args[0] if exc.args else exc
+    return first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+
+
 def _imap_text(data: Sequence[object]) -> str:
     parts = [d.decode("utf-8", "replace") if isinstance(d, bytes) else str(d) for d in data]
     return " ".join(p for p in parts if p and p != "None")
@@ -138,6 +146,7 @@ class ImapMailbox:
         except ValueError:
             raise BounceError(f"IMAP URL has a bad port: {mask_url(source.location)!r}") from None
         self.where = f"{self.host}:{self.port}"
+        self._deleted = False
         user, password = unquote(url.username or ""), unquote(url.password or "")
         if not user:
             raise BounceError(f"IMAP URL names no user: {mask_url(source.location)!r}")
@@ -152,13 +161,16 @@ class ImapMailbox:
             else:
                 self.imap = imaplib.IMAP4(self.host, self.port, timeout=IMAP_TIMEOUT)
         except (OSError, imaplib.IMAP4.error) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise BounceError(f"cannot connect to IMAP server {self.where}: {reason}") from None
+            raise BounceError(
+                f"cannot connect to IMAP server {self.where}: {_reason(exc)}"
+            ) from None
         try:
             self.imap.login(user, password)
         except (imaplib.IMAP4.error, OSError) as exc:
             self._disconnect()
-            raise BounceError(f"IMAP login to {self.where} as {user!r} failed: {exc}") from None
+            raise BounceError(
+                f"IMAP login to {self.where} as {user!r} failed: {_reason(exc)}"
+            ) from None
         try:
             typ, data = self.imap.select(_quote_mailbox(source.folder), readonly=readonly)
             if typ != "OK":
@@ -173,9 +185,8 @@ class ImapMailbox:
             raise
         except (imaplib.IMAP4.error, OSError) as exc:
             self.close()
-            raise BounceError(f"IMAP server {self.where}: {exc}") from None
+            raise BounceError(f"IMAP server {self.where}: {_reason(exc)}") from None
         self.can_move = "MOVE" in self.imap.capabilities
-        self._deleted = False
 
     def _ensure_folder(self, name: str) -> None:
         typ, data = self.imap.list('""', _quote_mailbox(name))
@@ -204,7 +215,7 @@ class ImapMailbox:
                     continue  # expunged by someone else meanwhile
                 yield MailboxMessage(ref=f"{self.source.folder} UID {uid}", raw=raw)
         except (imaplib.IMAP4.error, OSError) as exc:
-            raise BounceError(f"IMAP server {self.where}: {exc}") from None
+            raise BounceError(f"IMAP server {self.where}: {_reason(exc)}") from None
 
     def done(self, message: MailboxMessage, *, handled: bool) -> None:
         if self.readonly:
@@ -228,7 +239,7 @@ class ImapMailbox:
             elif self.source.delete:
                 self._mark_deleted(uid)
         except (imaplib.IMAP4.error, OSError) as exc:
-            raise BounceError(f"IMAP server {self.where}: {exc}") from None
+            raise BounceError(f"IMAP server {self.where}: {_reason(exc)}") from None
 
     def _mark_deleted(self, uid: str) -> None:
         typ, data = self.imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")

@@ -9,8 +9,14 @@ from clara_mailer.models import Recipient, Segment, recipient_segments, utcnow
 
 
 def add_recipients(
-    db: Database, count: int, segment: str = "local-police", *, prefix: str = "agente",
-    domain: str = "policia.example", language: str | None = None, start: int = 0,
+    db: Database,
+    count: int,
+    segment: str = "local-police",
+    *,
+    prefix: str = "agente",
+    domain: str = "policia.example",
+    language: str | None = None,
+    start: int = 0,
 ) -> list[str]:
     """Add ``count`` recipients to ``segment``; returns their addresses."""
     now = utcnow()
@@ -19,15 +25,25 @@ def add_recipients(
         segment_id = s.scalar(select(Segment.id).where(Segment.slug == segment))
         rows = [
             {
-                "email": a, "email_key": a.casefold(), "name": f"Agente {i}",
-                "organisation": "Policía Municipal", "language": language or ("es" if i % 3 else "en"),
-                "country": "ES", "consent_basis": "legitimate-interest",
-                "consent_source": "test", "created_at": now, "updated_at": now,
+                "email": a,
+                "email_key": a.casefold(),
+                "name": f"Agente {i}",
+                "organisation": "Policía Municipal",
+                "language": language or ("es" if i % 3 else "en"),
+                "country": "ES",
+                "consent_basis": "legitimate-interest",
+                "consent_source": "test",
+                "created_at": now,
+                "updated_at": now,
             }
             for i, a in enumerate(addresses, start)
         ]
         s.execute(insert(Recipient), rows)
-        ids = dict(s.execute(select(Recipient.email, Recipient.id).where(Recipient.email.in_(addresses))).all())
+        ids = dict(
+            s.execute(
+                select(Recipient.email, Recipient.id).where(Recipient.email.in_(addresses))
+            ).all()
+        )
         s.execute(
             insert(recipient_segments),
             [{"recipient_id": ids[a], "segment_id": segment_id} for a in addresses],

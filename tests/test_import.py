@@ -183,6 +183,8 @@ def test_rejected_rows_are_reported_and_written_beside_the_input(
         "bad2,=SUM(A1:A9),X,associations,es,ES\n"
         "nos@asso.example,NoSeg,X,,es,ES\n"
         "far@asso.example,Far,X,associations,es,Spain and Portugal\n"
+        "extra@asso.example,Extra,X,associations,es,ES,surplus\n"
+        "trailing@asso.example,Trailing,X,associations,es,ES,,\n"
     )
     path = write(tmp_path, "local-police.csv", text)
     result = cli("import", str(path))
@@ -195,7 +197,8 @@ def test_rejected_rows_are_reported_and_written_beside_the_input(
     assert f"{path}:6: too few columns: 2 of 6" in out
     assert f"{path}:8: no segment" in out
     assert f"{path}:9: country 'Spain and Portugal'" in out
-    assert "1 added" in out and "7 rejected" in out
+    assert f"{path}:10: too many columns: 7 of 6" in out
+    assert "2 added" in out and "8 rejected" in out
     rejects = tmp_path / "local-police.rejects.csv"
     assert f"written to {rejects}" in out
     with rejects.open(encoding="utf-8-sig", newline="") as stream:
@@ -210,11 +213,16 @@ def test_rejected_rows_are_reported_and_written_beside_the_input(
         "line",
         "reason",
     ]
-    assert [r[6] for r in rows[1:]] == ["3", "4", "5", "6", "7", "8", "9"]
+    assert [r[6] for r in rows[1:]] == ["3", "4", "5", "6", "7", "8", "9", "10"]
     assert rows[4][:2] == ["short@asso.example", "Short"]
     # A cell that a spreadsheet would run as a formula is neutralised in the rejects file.
     assert rows[5][:2] == ["bad2", "'=SUM(A1:A9)"]
     assert members_of(db, "local-police") == ["ok@policia-getafe.example"]
+    assert members_of(db, "associations") == ["trailing@asso.example"]  # empty extra cells
+
+    # A later `import *.csv` skips the rejects file instead of importing it.
+    again = cli("import", str(path), str(rejects))
+    assert f"{rejects}: skipped (a rejects file written by an earlier import)" in again.output
 
 
 def test_unknown_segment_can_be_created(cli: Cli, db: Database, tmp_path: Path) -> None:
@@ -426,3 +434,17 @@ def test_seed_registry_imports_with_its_counts(cli: Cli, db: Database) -> None:
     }
     assert counts == expected
     assert len(registry_state(db)["recipients"]) == len(addresses)
+
+
+def test_missing_file_and_bad_column_options(cli: Cli, tmp_path: Path) -> None:
+    missing = cli("import", "nope.csv")
+    assert missing.exit_code == 2
+    assert missing.output.strip() == "Error: nope.csv: cannot open: No such file or directory"
+    path = write(tmp_path, "p.csv", HEADER + "\n" + GOOD)
+    unknown = cli("import", str(path), "--column", "phone=Teléfono")
+    assert unknown.exit_code == 2 and "unknown field 'phone'" in unknown.output
+    shapeless = cli("import", str(path), "--column", "email")
+    assert shapeless.exit_code == 2 and "use FIELD=HEADER" in shapeless.output
+    absent = cli("import", str(path), "--column", "email=Correo-e")
+    assert absent.exit_code == 2
+    assert "--column email=Correo-e: no such column (found: email, name" in absent.output

@@ -22,8 +22,7 @@ from clara_mailer.db import Database
 from clara_mailer.dbcopy import copy_database
 from clara_mailer.deliverylog import DeliveryLog
 from clara_mailer.errors import DatabaseError
-from clara_mailer.models import Campaign, Delivery, Recipient
-from clara_mailer.models import utcnow
+from clara_mailer.models import Campaign, Delivery, Recipient, utcnow
 from clara_mailer.send import SendOptions, prepare_send, run_send
 from tests.conftest import PG_URL, _new_postgres_database, settings_env
 from tests.send_helpers import add_recipients
@@ -32,13 +31,32 @@ from tests.smtp_server import RecordingSMTPServer
 CAMPAIGN = "newsletter-2022-01"
 
 
-def sender(settings: Settings, server: RecordingSMTPServer, cwd: Path, pipe: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url(),
-           "CLARA_CLAIM_BATCH": "200"}
+def sender(
+    settings: Settings, server: RecordingSMTPServer, cwd: Path, pipe: int = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **settings_env(settings),
+        "CLARA_SMTP_URL": server.url(),
+        "CLARA_CLAIM_BATCH": "200",
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "clara_mailer", "send", CAMPAIGN, "--segment", "local-police",
-         "--yes", "--concurrency", "4"],
-        cwd=cwd, env=env, stdout=pipe, stderr=pipe,
+        [
+            sys.executable,
+            "-m",
+            "clara_mailer",
+            "send",
+            CAMPAIGN,
+            "--segment",
+            "local-police",
+            "--yes",
+            "--concurrency",
+            "4",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=pipe,
+        stderr=pipe,
     )
 
 
@@ -50,8 +68,10 @@ def test_three_workers_one_killed_everyone_received_exactly_once(
     # Plan once up front so the three workers start on the same queue at once.
     prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
     with RecordingSMTPServer() as server:
-        workers = [sender(settings, server, tmp_path, pipe) for pipe in
-                   (subprocess.PIPE, subprocess.DEVNULL, subprocess.PIPE)]
+        workers = [
+            sender(settings, server, tmp_path, pipe)
+            for pipe in (subprocess.PIPE, subprocess.DEVNULL, subprocess.PIPE)
+        ]
         deadline = time.monotonic() + 240
         while len(server.messages) < total // 2:
             assert time.monotonic() < deadline, "no progress"
@@ -130,12 +150,15 @@ def test_claim_path_uses_indexes_on_a_large_campaign(settings: Settings) -> None
             s.add(Campaign(slug="big", kind="newsletter"))
         with pg.engine.begin() as conn:
             cid = conn.scalar(text("SELECT id FROM campaigns WHERE slug = 'big'"))
-            conn.execute(text(
-                "INSERT INTO deliveries (campaign_id, segment, language, status, attempts, created_at) "
-                "SELECT :c, 'local-police', 'es', "
-                "CASE WHEN g % 50 = 0 THEN 'queued' WHEN g % 97 = 0 THEN 'deferred' ELSE 'sent' END, "
-                "0, now() FROM generate_series(1, 1000000) g"
-            ), {"c": cid})
+            conn.execute(
+                text(
+                    "INSERT INTO deliveries (campaign_id, segment, language, status, attempts, created_at) "
+                    "SELECT :c, 'local-police', 'es', "
+                    "CASE WHEN g % 50 = 0 THEN 'queued' WHEN g % 97 = 0 THEN 'deferred' ELSE 'sent' END, "
+                    "0, now() FROM generate_series(1, 1000000) g"
+                ),
+                {"c": cid},
+            )
             conn.execute(text("ANALYZE deliveries"))
         log = DeliveryLog(pg, cid, "h:1:x")
         with pg.engine.connect() as conn:
@@ -150,10 +173,10 @@ def test_claim_path_uses_indexes_on_a_large_campaign(settings: Settings) -> None
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs the PostgreSQL server")
-def test_copy_sqlite_registry_and_log_to_postgresql(
-    settings: Settings, tmp_path: Path
-) -> None:
-    source_settings = Settings(**{**vars(settings), "database_url": f"sqlite:///{tmp_path / 'src.db'}"})  # type: ignore[arg-type]
+def test_copy_sqlite_registry_and_log_to_postgresql(settings: Settings, tmp_path: Path) -> None:
+    source_settings = Settings(
+        **{**vars(settings), "database_url": f"sqlite:///{tmp_path / 'src.db'}"}
+    )  # type: ignore[arg-type]
     source = Database(source_settings.database_url)
     source.ensure_current()
     add_recipients(source, 50)

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from clara_mailer.config import Settings
 from clara_mailer.db import Database
 from clara_mailer.errors import NotFound, SendError
-from clara_mailer.models import Campaign, Delivery, Status
+from clara_mailer.models import Campaign, Delivery
 from clara_mailer.send import SendOptions, dry_run, prepare_send, run_send
 from clara_mailer.suppressions import suppress
 from clara_mailer.tokens import TokenSigner
@@ -32,9 +32,7 @@ def smtp_settings(settings: Settings, server: RecordingSMTPServer, **extra: obje
 
 def deliveries(db: Database, slug: str = CAMPAIGN) -> dict[str, Delivery]:
     with db.session() as s:
-        rows = s.scalars(
-            select(Delivery).join(Campaign).where(Campaign.slug == slug)
-        ).all()
+        rows = s.scalars(select(Delivery).join(Campaign).where(Campaign.slug == slug)).all()
         return {d.email or "": d for d in rows}
 
 
@@ -52,7 +50,9 @@ def test_outbox_is_the_default_and_a_rerun_sends_nothing(db: Database, settings:
     assert summary.counts == Counter({"sent": 25})  # type: ignore[attr-defined]
     assert not summary.network  # type: ignore[attr-defined]
     received = {
-        email.message_from_bytes(f.read_bytes(), policy=email.policy.default)["To"].addresses[0].addr_spec
+        email.message_from_bytes(f.read_bytes(), policy=email.policy.default)["To"]
+        .addresses[0]
+        .addr_spec
         for f in files
     }
     assert received == set(addresses)
@@ -99,14 +99,22 @@ def test_faults_end_in_the_right_state_and_nothing_is_accepted_twice(
         addresses[3]: SLOW_AFTER_DATA,
     }
     faults = Faults(
-        replies=scripted, greylist=True, p421=0.05, drop_stage="rcpt", p_drop=0.05,
-        slow_seconds=1.5, seed=11,
+        replies=scripted,
+        greylist=True,
+        p421=0.05,
+        drop_stage="rcpt",
+        p_drop=0.05,
+        slow_seconds=1.5,
+        seed=11,
     )
     with RecordingSMTPServer(faults=faults) as server:
         # Six short retries: a recipient greylisted and then unlucky six times in a row
         # (10% each) is a one-in-a-million event.
         fast = smtp_settings(
-            settings, server, smtp_timeout=1.0, smtp_data_timeout=0.5,
+            settings,
+            server,
+            smtp_timeout=1.0,
+            smtp_data_timeout=0.5,
             retry_in_run="0.1,0.1,0.2,0.2,0.3,0.3",
         )
         send(db, fast, concurrency=4)
@@ -139,7 +147,9 @@ def test_deferred_are_retried_by_the_next_send_when_due(db: Database, settings: 
         # Not due yet: the next send leaves it alone.
         assert send(db, fast).counts == Counter()  # type: ignore[attr-defined]
         with db.session() as s:
-            s.execute(update(Delivery).where(Delivery.id == row.id).values(next_attempt_at=row.created_at))
+            s.execute(
+                update(Delivery).where(Delivery.id == row.id).values(next_attempt_at=row.created_at)
+            )
         server.faults = Faults()
         assert send(db, fast).counts == Counter({"sent": 1})  # type: ignore[attr-defined]
     assert deliveries(db)[addresses[0]].status == "sent"
@@ -158,6 +168,7 @@ def test_opt_out_during_a_running_campaign_is_honoured(db: Database, settings: S
     late = addresses[-5:]
     signer = TokenSigner(db.secret_key(settings))
     with RecordingSMTPServer() as server:
+
         def opt_out_when_started() -> None:
             deadline = time.monotonic() + 30
             while not server.messages and time.monotonic() < deadline:
@@ -216,7 +227,10 @@ def test_unknown_segment_and_changed_templates_are_refused(
     with pytest.raises(SendError, match="--allow-changed-templates"):
         prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
     prepare_send(
-        db, settings, CAMPAIGN, SendOptions(segments=("local-police",), allow_changed_templates=True)
+        db,
+        settings,
+        CAMPAIGN,
+        SendOptions(segments=("local-police",), allow_changed_templates=True),
     )
 
 

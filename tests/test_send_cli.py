@@ -62,11 +62,19 @@ def test_dry_run_and_test_to(cli: Cli, db: Database, settings: Settings) -> None
 
         from clara_mailer.cli import main
 
-        out = CliRunner().invoke(
-            main, ["send", "newsletter-2022-01", "--segment", "local-police",
-                   "--test-to", "me@clara.example"], env=settings_env(env_cli),
+        result = CliRunner().invoke(
+            main,
+            [
+                "send",
+                "newsletter-2022-01",
+                "--segment",
+                "local-police",
+                "--test-to",
+                "me@clara.example",
+            ],
+            env=settings_env(env_cli),
         )
-        assert out.exit_code == 0, out.output
+        assert result.exit_code == 0, result.output
         assert {tuple(m.recipients) for m in server.messages} == {("me@clara.example",)}
         assert len(server.messages) == 2  # es and en for one segment
     with db.session() as s:
@@ -80,16 +88,29 @@ def test_ctrl_c_finishes_in_flight_records_and_exits_130(
     with RecordingSMTPServer() as server:
         env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url()}
         sender = subprocess.Popen(
-            [sys.executable, "-m", "clara_mailer", "send", "newsletter-2022-01",
-             "--segment", "local-police", "--yes", "--rate", "50"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "clara_mailer",
+                "send",
+                "newsletter-2022-01",
+                "--segment",
+                "local-police",
+                "--yes",
+                "--rate",
+                "50",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 60
         while len(server.messages) < 20:
             assert time.monotonic() < deadline and sender.poll() is None
             time.sleep(0.01)
         sender.send_signal(signal.SIGINT)
-        out, err = sender.communicate(timeout=60)
+        _, err = sender.communicate(timeout=60)
         received = {r for m in server.messages for r in m.recipients}
     assert sender.returncode == 130, err.decode()
     assert b"Interrupted" in err

@@ -29,9 +29,22 @@ def start_sender(
     env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url()}
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
     return subprocess.Popen(
-        [sys.executable, "-m", "clara_mailer", "send", CAMPAIGN, "--segment", "local-police",
-         "--yes", "--concurrency", "4"],
-        cwd=cwd, env=env, stdout=pipe, stderr=pipe,
+        [
+            sys.executable,
+            "-m",
+            "clara_mailer",
+            "send",
+            CAMPAIGN,
+            "--segment",
+            "local-police",
+            "--yes",
+            "--concurrency",
+            "4",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=pipe,
+        stderr=pipe,
     )
 
 
