@@ -82,7 +82,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def cli(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+def cli(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Result]:
     """Run ``clara-mail ARGS`` in-process with click's CliRunner, in tmp_path."""
     from clara_mailer.cli import main
 
