@@ -559,12 +559,13 @@ def _run_with_progress(app: App, plan: Any, options: Any) -> Any:
 
             return run_send(app.db, app.settings, plan, options, progress=update)
 
-    last = [0.0]
+    last: list[Any] = [0.0, None]
 
     def plain(p: Any) -> None:
+        # Not a terminal: a line every 5 s and one at the end, never the same line twice.
         now = _time.monotonic()
-        if now - last[0] >= 5 or p.done == p.total:
-            last[0] = now
+        if (now - last[0] >= 5 or p.done == p.total) and last[1] != (p.done, p.total):
+            last[0], last[1] = now, (p.done, p.total)
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
             click.echo(f"{p.done}/{p.total} {p.rate:.0f}/s {outcomes}", err=True)
 

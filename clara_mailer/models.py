@@ -122,6 +122,8 @@ class Delivery(Base):
         Index("ix_deliveries_segment", "campaign_id", "segment", "status"),
         Index("ix_deliveries_sent", "campaign_id", "sent_at"),
         Index("ix_deliveries_recipient", "recipient_id"),
+        # Bounces without a VERP token are matched by the Message-ID they return.
+        Index("ix_deliveries_message_id", "message_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

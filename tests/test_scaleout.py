@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from clara_mailer.config import Settings
+from clara_mailer.config import PACKAGE_ROOT, Settings
 from clara_mailer.db import Database
 from clara_mailer.dbcopy import copy_database
 from clara_mailer.deliverylog import DeliveryLog
 from clara_mailer.errors import DatabaseError
 from clara_mailer.models import Campaign, Delivery, Recipient, utcnow
 from clara_mailer.send import SendOptions, prepare_send, run_send
-from tests.conftest import PG_URL, _new_postgres_database, settings_env
+from tests.conftest import PG_URL, TEST_SECRET, _new_postgres_database, settings_env
 from tests.send_helpers import add_recipients
 from tests.smtp_server import RecordingSMTPServer
 
@@ -141,7 +141,7 @@ def test_rate_limit_is_shared_through_the_campaign_row(db: Database, settings: S
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs the PostgreSQL server")
-def test_claim_path_uses_indexes_on_a_large_campaign(settings: Settings) -> None:
+def test_claim_path_uses_indexes_on_a_large_campaign() -> None:
     url, drop = _new_postgres_database()
     try:
         pg = Database(url)
@@ -173,10 +173,13 @@ def test_claim_path_uses_indexes_on_a_large_campaign(settings: Settings) -> None
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs the PostgreSQL server")
-def test_copy_sqlite_registry_and_log_to_postgresql(settings: Settings, tmp_path: Path) -> None:
+def test_copy_sqlite_registry_and_log_to_postgresql(tmp_path: Path) -> None:
     source_settings = Settings(
-        **{**vars(settings), "database_url": f"sqlite:///{tmp_path / 'src.db'}"}
-    )  # type: ignore[arg-type]
+        database_url=f"sqlite:///{tmp_path / 'src.db'}",
+        outbox_dir=tmp_path / "outbox",
+        secret_key=TEST_SECRET,
+        templates_dir=PACKAGE_ROOT / "templates" / "email",
+    )
     source = Database(source_settings.database_url)
     source.ensure_current()
     add_recipients(source, 50)

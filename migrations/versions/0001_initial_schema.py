@@ -94,6 +94,7 @@ def upgrade() -> None:
         )
         batch_op.create_index("ix_deliveries_lease", ["status", "lease_expires_at"], unique=False)
         batch_op.create_index("ix_deliveries_recipient", ["recipient_id"], unique=False)
+        batch_op.create_index("ix_deliveries_message_id", ["message_id"], unique=False)
         batch_op.create_index(
             "ix_deliveries_segment", ["campaign_id", "segment", "status"], unique=False
         )
@@ -205,6 +206,7 @@ def downgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_index("ix_deliveries_sent")
         batch_op.drop_index("ix_deliveries_segment")
+        batch_op.drop_index("ix_deliveries_message_id")
         batch_op.drop_index("ix_deliveries_recipient")
         batch_op.drop_index("ix_deliveries_lease")
         batch_op.drop_index("ix_deliveries_claim")
