@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from .campaigns import CampaignDef, load_campaign, template_hash
 from .config import Settings
@@ -132,26 +133,45 @@ ProgressCallback = Callable[[Progress], None]
 # -- planning -----------------------------------------------------------------------------
 
 
-def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptions) -> Plan:
-    """Check the campaign, then create the delivery rows for the chosen segments."""
+@dataclass(frozen=True)
+class _Checked:
+    defn: CampaignDef
+    segments: list[tuple[int, str]]  # (segment id, slug), in the order asked for
+    signer: TokenSigner
+    campaign_id: int  # 0 while the campaign has no delivery log
+
+
+def _checked_campaign(
+    db: Database, settings: Settings, slug: str, segments: tuple[str, ...]
+) -> _Checked:
+    """Load and check the campaign and resolve its segments: what every send path needs
+    before it renders anything."""
     defn = load_campaign(settings, slug)
     problems = check_campaign(settings, slug)
     if problems:
         raise CheckFailed(slug, problems)
-    segments = options.segments or defn.default_segments
-    if not segments:
+    chosen = segments or defn.default_segments
+    if not chosen:
         raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
-    signer = TokenSigner(db.secret_key(settings))
-    digest = template_hash(defn)
     with db.session() as s:
-        ids = segment_ids(s, segments)
-        missing = sorted(set(segments) - {slug for _, slug in ids})
+        ids = segment_ids(s, chosen)
+        missing = [name for name in chosen if name not in {n for _, n in ids}]
         if missing:
             known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
             raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
+        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == defn.slug)) or 0
+    return _Checked(defn, ids, TokenSigner(db.secret_key(settings)), campaign_id)
+
+
+def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptions) -> Plan:
+    """Check the campaign, then create the delivery rows for the chosen segments."""
+    checked = _checked_campaign(db, settings, slug, options.segments)
+    defn, signer = checked.defn, checked.signer
+    digest = template_hash(defn)
+    with db.session() as s:
         campaign = add_campaign_row(s, defn.slug, defn.kind)
-        changed = campaign.template_hash and campaign.template_hash != digest
-        if changed and not options.allow_changed_templates:
+        changed = campaign.template_hash is not None and campaign.template_hash != digest
+        if changed and not options.allow_changed_templates and _anything_went_out(s, campaign.id):
             raise SendError(
                 f"the templates of {slug!r} changed since its first message went out; "
                 "resume anyway with --allow-changed-templates"
@@ -161,17 +181,27 @@ def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptio
             campaign.rate_limit = options.rate
         campaign_id = campaign.id
     log = DeliveryLog(db, campaign_id, options.worker_id)
-    planned = log.plan(ids, signer, defn.kind)
+    planned = log.plan(checked.segments, signer, defn.kind)
     requeued = log.requeue_unknown() if options.resend_unknown else 0
     return Plan(
         campaign=defn,
         campaign_id=campaign_id,
-        segments=tuple(segments),
+        segments=tuple(name for _, name in checked.segments),
         added=planned.added,
         skipped=planned.skipped,
         requeued_unknown=requeued,
-        counts=log.status_counts(segments),
+        counts=log.status_counts([name for _, name in checked.segments]),
     )
+
+
+def _anything_went_out(s: Session, campaign_id: int) -> bool:
+    untouched = (Status.QUEUED, Status.SKIPPED)
+    first = s.scalar(
+        select(Delivery.id)
+        .where(Delivery.campaign_id == campaign_id, Delivery.status.not_in(untouched))
+        .limit(1)
+    )
+    return first is not None
 
 
 # -- the worker ---------------------------------------------------------------------------
@@ -604,22 +634,12 @@ class DryRun:
 
 def dry_run(db: Database, settings: Settings, slug: str, options: SendOptions) -> DryRun:
     """Render every message the send would make, write nothing, send nothing."""
-    defn = load_campaign(settings, slug)
-    problems = check_campaign(settings, slug)
-    if problems:
-        raise CheckFailed(slug, problems)
-    segments = options.segments or defn.default_segments
-    signer = TokenSigner(db.secret_key(settings))
+    checked = _checked_campaign(db, settings, slug, options.segments)
+    defn, signer = checked.defn, checked.signer
     result = DryRun(slug)
-    with db.session() as s:
-        ids = segment_ids(s, segments)
-        missing = sorted(set(segments) - {slug for _, slug in ids})
-        if missing:
-            raise NotFound(f"unknown segment {missing[0]!r}")
-        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == slug)) or 0
-    renderer = Renderer(defn, settings, signer, campaign_id)
+    renderer = Renderer(defn, settings, signer, checked.campaign_id)
     seen: set[int] = set()
-    for segment_id, segment in ids:
+    for segment_id, segment in checked.segments:
         after = 0
         while True:
             with db.session() as s:
@@ -667,19 +687,10 @@ def send_test(
     transport: Transport | None = None,
 ) -> list[tuple[str, str, SendResult]]:
     """Send one sample per variant (language x segment) to ``address``; log untouched."""
-    defn = load_campaign(settings, slug)
-    problems = check_campaign(settings, slug)
-    if problems:
-        raise CheckFailed(slug, problems)
-    signer = TokenSigner(db.secret_key(settings))
-    with db.session() as s:
-        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == slug)) or 0
-        known = set(s.scalars(select(Segment.slug)))
-    chosen = segments or defn.default_segments
-    for segment in chosen:
-        if segment not in known:
-            raise NotFound(f"unknown segment {segment!r}")
-    renderer = Renderer(defn, settings, signer, campaign_id)
+    checked = _checked_campaign(db, settings, slug, segments)
+    defn = checked.defn
+    chosen = [name for _, name in checked.segments]
+    renderer = Renderer(defn, settings, checked.signer, checked.campaign_id)
     transport = transport or transport_from_settings(settings, f"{slug}-test")
     results: list[tuple[str, str, SendResult]] = []
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from sqlalchemy import insert, select
 
+from clara_mailer.config import Settings
 from clara_mailer.db import Database
 from clara_mailer.models import Recipient, Segment, recipient_segments, utcnow
 
@@ -55,3 +61,26 @@ def add_to_segment(db: Database, address: str, segment: str) -> None:
     with db.session() as s:
         recipient = s.scalars(select(Recipient).where(Recipient.email == address)).one()
         recipient.segments.append(s.scalars(select(Segment).where(Segment.slug == segment)).one())
+
+
+def start_sender(
+    settings: Settings,
+    smtp_url: str,
+    cwd: Path,
+    *args: str,
+    output: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real `clara-mail send` process (python -m clara_mailer) for crash and scale tests;
+    ``args`` follow ``send`` (campaign, options)."""
+    from tests.conftest import settings_env
+
+    full_env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": smtp_url, **(env or {})}
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "clara_mailer", "send", *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=pipe,
+        stderr=pipe,
+    )

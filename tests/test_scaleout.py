@@ -6,10 +6,8 @@ serialises the short claim transactions (BEGIN IMMEDIATE) on one machine.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,39 +22,19 @@ from clara_mailer.deliverylog import DeliveryLog
 from clara_mailer.errors import DatabaseError
 from clara_mailer.models import Campaign, Delivery, Recipient, utcnow
 from clara_mailer.send import SendOptions, prepare_send, run_send
-from tests.conftest import PG_URL, TEST_SECRET, _new_postgres_database, settings_env
-from tests.send_helpers import add_recipients
+from tests.conftest import PG_URL, TEST_SECRET, _new_postgres_database
+from tests.send_helpers import add_recipients, start_sender
 from tests.smtp_server import RecordingSMTPServer
 
 CAMPAIGN = "newsletter-2022-01"
 
 
 def sender(
-    settings: Settings, server: RecordingSMTPServer, cwd: Path, pipe: int = subprocess.PIPE
+    settings: Settings, server: RecordingSMTPServer, cwd: Path, output: bool
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        **settings_env(settings),
-        "CLARA_SMTP_URL": server.url(),
-        "CLARA_CLAIM_BATCH": "200",
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clara_mailer",
-            "send",
-            CAMPAIGN,
-            "--segment",
-            "local-police",
-            "--yes",
-            "--concurrency",
-            "4",
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=pipe,
-        stderr=pipe,
+    args = (CAMPAIGN, "--segment", "local-police", "--yes", "--concurrency", "4")
+    return start_sender(
+        settings, server.url(), cwd, *args, output=output, env={"CLARA_CLAIM_BATCH": "200"}
     )
 
 
@@ -68,10 +46,8 @@ def test_three_workers_one_killed_everyone_received_exactly_once(
     # Plan once up front so the three workers start on the same queue at once.
     prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
     with RecordingSMTPServer() as server:
-        workers = [
-            sender(settings, server, tmp_path, pipe)
-            for pipe in (subprocess.PIPE, subprocess.DEVNULL, subprocess.PIPE)
-        ]
+        # The one to be killed gets no pipes: nothing left open behind it.
+        workers = [sender(settings, server, tmp_path, output) for output in (True, False, True)]
         deadline = time.monotonic() + 240
         while len(server.messages) < total // 2:
             assert time.monotonic() < deadline, "no progress"

@@ -221,6 +221,10 @@ def test_unknown_segment_and_changed_templates_are_refused(
     add_recipients(db, 2)
     with pytest.raises(NotFound, match="unknown segment 'nope'"):
         prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("nope",)))
+    # Planned but nothing sent yet: editing the templates is fine.
+    prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    with db.session() as s:
+        s.execute(update(Campaign).where(Campaign.slug == CAMPAIGN).values(template_hash="1" * 64))
     send(db, settings)
     with db.session() as s:
         s.execute(update(Campaign).where(Campaign.slug == CAMPAIGN).values(template_hash="0" * 64))

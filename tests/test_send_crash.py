@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,8 +13,8 @@ from sqlalchemy import select
 from clara_mailer.config import Settings
 from clara_mailer.db import Database
 from clara_mailer.models import Delivery
-from tests.conftest import settings_env
 from tests.send_helpers import add_recipients
+from tests.send_helpers import start_sender as send_process
 from tests.smtp_server import RecordingSMTPServer
 
 CAMPAIGN = "newsletter-2022-01"
@@ -26,26 +24,8 @@ RECIPIENTS = 2000
 def start_sender(
     settings: Settings, server: RecordingSMTPServer, cwd: Path, *, output: bool = False
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": server.url()}
-    pipe = subprocess.PIPE if output else subprocess.DEVNULL
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clara_mailer",
-            "send",
-            CAMPAIGN,
-            "--segment",
-            "local-police",
-            "--yes",
-            "--concurrency",
-            "4",
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=pipe,
-        stderr=pipe,
-    )
+    args = (CAMPAIGN, "--segment", "local-police", "--yes", "--concurrency", "4")
+    return send_process(settings, server.url(), cwd, *args, output=output)
 
 
 def test_sigkill_at_several_points_loses_nobody_and_sends_nobody_twice(
