@@ -114,7 +114,8 @@ class Database:
                 self.upgrade()
                 return
         except OperationalError as exc:
-            raise DatabaseError(f"cannot open the database {self.safe_url}: {exc.orig}") from None
+            reason = " ".join(str(exc.orig).split())  # one line, whatever the driver says
+            raise DatabaseError(f"cannot open the database {self.safe_url}: {reason}") from None
         if current != self.head_revision():
             raise SchemaOutdated(
                 f"the database {self.safe_url} is at schema {current or 'none'}, "
@@ -148,5 +149,9 @@ class Database:
 def open_database(settings: Settings, *, check: bool = True) -> Database:
     db = Database(settings.database_url)
     if check:
-        db.ensure_current()
+        try:
+            db.ensure_current()
+        except BaseException:
+            db.dispose()
+            raise
     return db
