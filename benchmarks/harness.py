@@ -752,7 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         "$CLARA_TEST_POSTGRES_URL); scratch databases are made and dropped there",
     )
     parser.add_argument("--workdir", type=Path, help="where inputs and results go")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the generated inputs beside the results"
+    )
     args = parser.parse_args(argv)
 
     for tool in ("smtp-sink", "smtp-source", GNU_TIME):
@@ -799,8 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "table.md").write_text(table + "\n")
     print(f"results: {workdir / 'results.json'}, {workdir / 'table.md'}")
-    if not args.keep and not args.workdir:
-        for pattern in ("*.db*", "*.csv"):
+    if not args.keep:  # the inputs are large and cheap to make again; keep the results
+        for pattern in ("*.db*", "*.csv", "smtp-sink.out", "*.pem", "*.time"):
             for path in workdir.glob(pattern):
                 path.unlink()
     failed = any(r.errors for r in bench.rows.values())

@@ -29,7 +29,7 @@ Cli = Callable[..., Result]
 
 
 def test_new_database_is_created_with_the_standard_segments(db: Database) -> None:
-    assert db.current_revision() == db.head_revision()
+    assert db.current_revision() == db.head_revision() == db_module.SCHEMA_HEAD
     with db.session() as s:
         assert set(s.scalars(select(Segment.slug))) == set(STANDARD_SEGMENTS)
 
@@ -60,6 +60,7 @@ def newer_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n"
     )
     monkeypatch.setattr(db_module, "MIGRATIONS_DIR", copy)
+    monkeypatch.setattr(db_module, "SCHEMA_HEAD", "0002")
     yield copy
 
 
@@ -73,6 +74,7 @@ def test_a_database_behind_the_code_is_refused_until_upgraded(
     database = Database(settings.database_url)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(db_module, "MIGRATIONS_DIR", db_module.PACKAGE_ROOT / "migrations")
+        mp.setattr(db_module, "SCHEMA_HEAD", "0001")
         database.ensure_current()
     with pytest.raises(SchemaOutdated, match="run `clara-mail db upgrade`"):
         open_database(settings)
