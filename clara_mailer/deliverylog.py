@@ -362,17 +362,30 @@ class DeliveryLog:
 
     # -- outcomes -----------------------------------------------------------------------
 
-    def mark_sending(self, ids: Sequence[int], message_ids: Sequence[str]) -> None:
-        """Commit ``sending`` for rows about to be handed to the transport."""
+    def mark_sending(self, entries: Sequence[tuple[int, str, str]], kind: str) -> dict[str, str]:
+        """Commit ``sending`` for rows about to be handed to the transport.
+
+        ``entries`` are (delivery id, Message-ID, address hash). Opt-outs are checked again
+        in the same transaction, just before the messages go out: rows whose address is
+        suppressed by now are left alone and returned (hash -> reason).
+        """
+        if not entries:
+            return {}
         now = utcnow()
         with self.db.session() as s:
-            s.connection().execute(
-                update(Delivery)
-                .where(Delivery.id == bindparam("b_id"))
-                .values(status=Status.SENDING, message_id=bindparam("b_mid"), last_attempt_at=now)
-                .execution_options(synchronize_session=False),
-                [{"b_id": i, "b_mid": m} for i, m in zip(ids, message_ids, strict=True)],
-            )
+            suppressed = active_suppressions(s, (h for _, _, h in entries), kind)
+            params = [{"b_id": i, "b_mid": m} for i, m, h in entries if h not in suppressed]
+            if params:
+                s.connection().execute(
+                    update(Delivery)
+                    .where(Delivery.id == bindparam("b_id"))
+                    .values(
+                        status=Status.SENDING, message_id=bindparam("b_mid"), last_attempt_at=now
+                    )
+                    .execution_options(synchronize_session=False),
+                    params,
+                )
+        return suppressed
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write back a batch of results in one transaction."""

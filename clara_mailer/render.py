@@ -379,8 +379,11 @@ class Renderer:
             f"<mailto:{self.defn.unsubscribe_address}?subject=unsubscribe-{utoken}>"
         )
 
-    def render(self, r: RecipientView, *, smtputf8: bool = False) -> bytes:
-        """The final message bytes for ``r``: CRLF lines, not dot-stuffed."""
+    def render(
+        self, r: RecipientView, *, smtputf8: bool = False, message_id: str | None = None
+    ) -> bytes:
+        """The final message bytes for ``r``: CRLF lines, not dot-stuffed.
+        ``message_id``: ``self.message_id(r)``, when the caller has it already."""
         address = wire_address(r.email.strip(), smtputf8=smtputf8)
         name, organisation = clean_field(r.name), clean_field(r.organisation)
         shown = clean_field(r.email)
@@ -398,7 +401,7 @@ class Renderer:
         out = [
             self._date_header(),
             address_header("To", name, address, smtputf8=smtputf8),
-            f"Message-ID: {self.message_id(r)}\r\n"
+            f"Message-ID: {message_id or self.message_id(r)}\r\n"
             f"List-Unsubscribe: <{self.base_url}/u/{utoken}>,\r\n"
             f" <mailto:{self.defn.unsubscribe_address}?subject=unsubscribe-{utoken}>\r\n".encode(),
             v.heads[smtputf8],

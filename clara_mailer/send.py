@@ -213,6 +213,14 @@ class _Job:
     envelope_from: str
     recipient: str
     data: bytes
+    address_hash: str
+    message_id: str
+
+
+@dataclass
+class _Group:
+    jobs: list[_Job]
+    commit: asyncio.Future[dict[str, str]]  # address hash -> reason, for the opted out
 
 
 class _Worker:
@@ -262,11 +270,18 @@ class _Worker:
         limit = self.options.limit
         rate = self.options.rate
         last_expire = 0.0
+        # Double buffering: while one group's `sending` commits on the database thread,
+        # the next group is rendered here; a group is handed to the connections only
+        # once its commit is done.
+        committing: _Group | None = None
         try:
             while not self.stopping.is_set():
                 if limit is not None and self.handed >= limit:
                     break
                 if not claimed:
+                    if committing is not None:
+                        await self._hand_over(committing, rate)
+                        committing = None
                     if time.monotonic() - last_expire > 5:
                         await self._db(self.log.expire_leases)
                         last_expire = time.monotonic()
@@ -282,21 +297,40 @@ class _Worker:
                         start = await self._db(self.log.reserve_rate_window, len(rows), rate)
                         await self._sleep_until(start)
                     claimed.extend(rows)
-                group = [claimed.popleft() for _ in range(min(group_size, len(claimed)))]
+                take = min(group_size, len(claimed))
                 if limit is not None:
-                    group = group[: limit - self.handed]
-                jobs = await self._prepare(group)
-                for job in jobs:
-                    if rate:
-                        await self._pace(rate)
-                    self.inflight += 1
-                    self.handed += 1
-                    await self.queue.put(job)
+                    pending_here = len(committing.jobs) if committing else 0
+                    take = min(take, limit - self.handed - pending_here)
+                    if take <= 0:
+                        break
+                group = self._render_group([claimed.popleft() for _ in range(take)])
+                if committing is not None:
+                    await self._hand_over(committing, rate)
+                committing = group
         finally:
+            if committing is not None:
+                await self._hand_over(committing, rate)
             if claimed:
                 await self._db(self.log.release, [r.id for r in claimed])
             for _ in range(self.concurrency):
                 await self.queue.put(None)
+
+    async def _hand_over(self, group: _Group, rate: float | None) -> None:
+        """Wait for the group's commit, drop what was opted out meanwhile, queue the rest."""
+        suppressed = await group.commit
+        now = utcnow()
+        for job in group.jobs:
+            reason = suppressed.get(job.address_hash)
+            if reason:
+                self._outcome(
+                    job.row, Status.SKIPPED, None, f"suppressed: {reason}", now, attempt=False
+                )
+                continue
+            if rate:
+                await self._pace(rate)
+            self.inflight += 1
+            self.handed += 1
+            await self.queue.put(job)
 
     async def _wait_for_more(self) -> bool:
         """Nothing claimable now: wait for our own in-flight outcomes and for short
@@ -331,44 +365,26 @@ class _Worker:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _prepare(self, group: list[ClaimedRow]) -> list[_Job]:
-        """Re-check opt-outs, render, and commit ``sending`` for what will go out."""
-        kind = self.plan.campaign.kind
+    def _render_group(self, group: list[ClaimedRow]) -> _Group:
+        """Render a group and start committing it as ``sending`` (re-checking opt-outs in
+        the same transaction, just before the messages go out)."""
         now = utcnow()
-        hashes = {r.id: self.signer.address_hash(r.email) for r in group if r.email}
-        suppressed = await self._db(self._suppressed, list(hashes.values()), kind)
         jobs: list[_Job] = []
         expire = dt.timedelta(seconds=self.settings.retry_expire)
         for row in group:
             if row.email is None or row.recipient_id is None:
                 self._outcome(row, Status.SKIPPED, None, "recipient erased", now, attempt=False)
                 continue
-            reason = suppressed.get(hashes[row.id])
-            if reason:
-                self._outcome(
-                    row, Status.SKIPPED, None, f"suppressed: {reason}", now, attempt=False
-                )
-                continue
             if row.first_attempt_at is not None and now - row.first_attempt_at > expire:
-                self._outcome(
-                    row,
-                    Status.FAILED,
-                    None,
-                    "gave up: still deferred after the retry period",
-                    now,
-                    attempt=False,
-                )
+                reason = "gave up: still deferred after the retry period"
+                self._outcome(row, Status.FAILED, None, reason, now, attempt=False)
                 continue
-            view = RecipientView(
-                id=row.recipient_id,
-                email=row.email,
-                name=row.name,
-                organisation=row.organisation,
-                language=row.language,
-                segment=row.segment,
-            )
+            view = _view(row)
+            message_id = self.renderer.message_id(view)
             try:
-                data = self.renderer.render(view, smtputf8=not _local_part(row.email).isascii())
+                data = self.renderer.render(
+                    view, smtputf8=not _local_part(row.email).isascii(), message_id=message_id
+                )
             except MailerError as exc:
                 self._outcome(row, Status.FAILED, None, f"cannot render: {exc}", now)
                 continue
@@ -378,15 +394,16 @@ class _Worker:
             if self.settings.bounce_address:
                 token = self.signer.sign("b", self.plan.campaign_id, row.recipient_id)
                 envelope_from = verp_address(self.settings.bounce_address, token)
-            jobs.append(_Job(row, envelope_from, row.email, data))
-        if jobs:
-            message_ids = [self.renderer.message_id(_view(j.row)) for j in jobs]
-            await self._db(self.log.mark_sending, [j.row.id for j in jobs], message_ids)
-        return jobs
-
-    def _suppressed(self, hashes: list[str], kind: str) -> dict[str, str]:
-        with self.db.session() as s:
-            return active_suppressions(s, hashes, kind)
+            address_hash = self.signer.address_hash(row.email)
+            jobs.append(_Job(row, envelope_from, row.email, data, address_hash, message_id))
+        commit = asyncio.ensure_future(
+            self._db(
+                self.log.mark_sending,
+                [(j.row.id, j.message_id, j.address_hash) for j in jobs],
+                self.plan.campaign.kind,
+            )
+        )
+        return _Group(jobs, commit)
 
     # connections ---------------------------------------------------------------------
 

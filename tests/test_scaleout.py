@@ -92,7 +92,7 @@ def test_expired_lease_makes_in_flight_unknown_and_untouched_claimable(
     plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
     dead = DeliveryLog(db, plan.campaign_id, "otherhost:1:dead")
     rows = dead.claim(10, lease_seconds=0)
-    dead.mark_sending([r.id for r in rows[:3]], ["<a@x>", "<b@x>", "<c@x>"])
+    dead.mark_sending([(r.id, f"<{r.id}@x>", "h") for r in rows[:3]], "newsletter")
     time.sleep(0.01)
     alive = DeliveryLog(db, plan.campaign_id, "host:2:alive")
     assert alive.expire_leases() == 3
