@@ -445,6 +445,7 @@ def preview_cmd(
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most N messages in this run.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="SMTP connections.")
 @click.option("--rate", type=click.FloatRange(min=0.01), help="At most N messages per second, across all workers.")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True, help="Sender processes on this machine, each with --concurrency connections.")
 @click.option("--resend-unknown", is_flag=True, help="Resend messages whose outcome is unknown (same Message-ID).")
 @click.option("--allow-changed-templates", is_flag=True, help="Resume even though the templates changed.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before sending.")
@@ -461,6 +462,7 @@ def send_cmd(
     resend_unknown: bool,
     allow_changed_templates: bool,
     yes: bool,
+    processes: int,
 ) -> None:
     """Send CAMPAIGN to its segments, recording every recipient's outcome.
 
@@ -474,6 +476,7 @@ def send_cmd(
       clara-mail send newsletter-2022-01 --segment local-police
       clara-mail send conference-2022-02-04 --test-to me@clara.example
       clara-mail send newsletter-2022-01 --yes --concurrency 8 --rate 20
+      clara-mail send newsletter-2022-01 --yes --processes 2   # use both cores
     """
     from .send import SendOptions, prepare_send, send_test
     from .send import dry_run as do_dry_run
@@ -506,7 +509,7 @@ def send_cmd(
         return
     if not yes:
         click.confirm(f"Send {plan.to_send} message(s)?", abort=True)
-    summary = _run_with_progress(app, plan, options)
+    summary = _run_with_progress(app, plan, options, processes)
     _print_summary(app, summary)
     if summary.interrupted:
         app.err.print("Interrupted: in-flight messages were recorded; run send again to go on.")
@@ -529,7 +532,7 @@ def _print_plan(app: App, plan: Any) -> None:
     app.out.print(note)
 
 
-def _run_with_progress(app: App, plan: Any, options: Any) -> Any:
+def _run_with_progress(app: App, plan: Any, options: Any, processes: int) -> Any:
     import time as _time
 
     from rich.progress import (
@@ -557,7 +560,9 @@ def _run_with_progress(app: App, plan: Any, options: Any) -> Any:
                 outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
                 bar.update(task, completed=p.done, total=p.total, rate=p.rate, outcomes=outcomes)
 
-            return run_send(app.db, app.settings, plan, options, progress=update)
+            return run_send(
+                app.db, app.settings, plan, options, progress=update, processes=processes
+            )
 
     last: list[Any] = [0.0, None]
 
@@ -569,7 +574,7 @@ def _run_with_progress(app: App, plan: Any, options: Any) -> Any:
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
             click.echo(f"{p.done}/{p.total} {p.rate:.0f}/s {outcomes}", err=True)
 
-    return run_send(app.db, app.settings, plan, options, progress=plain)
+    return run_send(app.db, app.settings, plan, options, progress=plain, processes=processes)
 
 
 def _print_summary(app: App, summary: Any) -> None:

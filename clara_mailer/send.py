@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import multiprocessing
+import os
+import queue
 import signal
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -26,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from .campaigns import CampaignDef, load_campaign, template_hash
 from .config import Settings
-from .db import Database
+from .db import Database, open_database
 from .deliverylog import ClaimedRow, DeliveryLog, Outcome, add_campaign_row, segment_ids
 from .errors import CheckFailed, MailerError, NotFound, SendError
 from .models import Campaign, Delivery, Recipient, Segment, Status, recipient_segments, utcnow
@@ -571,37 +575,65 @@ def run_send(
     transport: Transport | None = None,
     progress: ProgressCallback | None = None,
     handle_signals: bool = True,
+    processes: int = 1,
 ) -> SendSummary:
     """Send what is due for ``plan`` and return what happened.
 
-    Ctrl-C (SIGINT) or SIGTERM stops claiming, lets in-flight messages finish, records
-    them, and returns with ``interrupted`` set.
+    ``processes`` > 1 starts that many worker processes in all on this machine (this one
+    included), sharing the campaign through the delivery log exactly as workers on other
+    machines do; each has ``options.concurrency`` connections. Ctrl-C (SIGINT) or SIGTERM
+    stops claiming, lets in-flight messages finish, records them, and returns with
+    ``interrupted`` set.
     """
+    if processes > 1 and transport is not None:
+        raise ValueError("extra processes build their transport from the settings")
     transport = transport or transport_from_settings(settings, plan.campaign.slug)
     summary = SendSummary(plan.campaign.slug, transport.description, transport.network)
     started = time.monotonic()
     _mark_started(db, plan.campaign_id)
+    helpers = _HelperProcesses(settings, plan, options, processes - 1)
+
+    def combined(snapshot: Progress) -> None:
+        if progress is not None:
+            snapshot.counts.update(helpers.counts())
+            snapshot.done = sum(snapshot.counts.values())
+            snapshot.total = max(snapshot.total, snapshot.done)
+            progress(snapshot)
 
     async def main() -> None:
-        worker = _Worker(db, settings, plan, options, transport, progress)
+        worker = _Worker(db, settings, plan, options, transport, combined)
         loop = asyncio.get_running_loop()
         installed = []
+
+        def stop() -> None:
+            worker.stopping.set()
+            helpers.stop()
+
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, worker.stopping.set)
+                    loop.add_signal_handler(sig, stop)
                     installed.append(sig)
         try:
+            helpers.start()
             await worker.run()
+            # This process is done; the others finish what they claimed.
+            while helpers.running():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.stopping.wait(), timeout=0.2)
+                combined(worker.snapshot())
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            summary.counts = worker.counts
-            summary.interrupted = worker.stopping.is_set()
-            if progress is not None:
-                progress(worker.snapshot())
+            helpers.join()
+            summary.counts = worker.counts + helpers.counts()
+            summary.interrupted = worker.stopping.is_set() or helpers.interrupted
+            combined(worker.snapshot())
 
-    _run_async(main())
+    try:
+        _run_async(main())
+    finally:
+        helpers.join()
     summary.elapsed = time.monotonic() - started
     log = DeliveryLog(db, plan.campaign_id)
     totals: Counter[str] = Counter()
@@ -612,6 +644,93 @@ def run_send(
     if not any(totals.get(s, 0) for s in OPEN_STATUSES):
         _mark_finished(db, plan.campaign_id)
     return summary
+
+
+class _HelperProcesses:
+    """Extra worker processes for ``run_send(processes=N)``; they report their counts
+    through a queue so the progress bar and summary cover all of them."""
+
+    def __init__(self, settings: Settings, plan: Plan, options: SendOptions, count: int) -> None:
+        self.count = count
+        self.args = (settings, plan.campaign.slug, plan.campaign_id, plan.segments, options)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.latest: dict[int, Counter[str]] = {}
+        self.interrupted = False
+        self._context = multiprocessing.get_context("spawn")
+        self._queue: Any = None
+
+    def start(self) -> None:
+        if not self.count:
+            return
+        self._queue = self._context.Queue()
+        for i in range(self.count):
+            process = self._context.Process(
+                target=_helper_main, args=(i, *self.args, self._queue), daemon=False
+            )
+            process.start()
+            self.processes.append(process)
+
+    def _drain(self) -> None:
+        if self._queue is None:
+            return
+        while True:
+            try:
+                index, counts, interrupted = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self.latest[index] = Counter(counts)
+            self.interrupted = self.interrupted or interrupted
+
+    def counts(self) -> Counter[str]:
+        self._drain()
+        total: Counter[str] = Counter()
+        for counts in self.latest.values():
+            total.update(counts)
+        return total
+
+    def running(self) -> bool:
+        return any(p.is_alive() for p in self.processes)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    def join(self) -> None:
+        for process in self.processes:
+            process.join()
+        self._drain()
+
+
+def _helper_main(
+    index: int,
+    settings: Settings,
+    slug: str,
+    campaign_id: int,
+    segments: tuple[str, ...],
+    options: SendOptions,
+    updates: Any,
+) -> None:
+    """A helper process: one more worker on the same campaign."""
+    # A terminal's Ctrl-C reaches the whole process group: each process stops cleanly.
+    db = open_database(settings)
+    try:
+        plan = Plan(load_campaign(settings, slug), campaign_id, segments, 0, 0, 0, {})
+        last = [0.0]
+
+        def report(snapshot: Progress) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.2:
+                last[0] = now
+                updates.put((index, dict(snapshot.counts), False))
+
+        summary = run_send(db, settings, plan, options, progress=report)
+        updates.put((index, dict(summary.counts), summary.interrupted))
+    except MailerError as exc:
+        print(f"Error: worker process {index + 2}: {exc}", file=sys.stderr)
+        updates.put((index, {}, True))
+    finally:
+        db.dispose()
 
 
 def _run_async(coro: Awaitable[None]) -> None:

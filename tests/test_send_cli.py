@@ -17,7 +17,7 @@ from clara_mailer.config import Settings
 from clara_mailer.db import Database
 from clara_mailer.models import Delivery
 from tests.conftest import settings_env
-from tests.send_helpers import add_recipients
+from tests.send_helpers import add_recipients, start_sender
 from tests.smtp_server import RecordingSMTPServer
 
 Cli = Callable[..., Result]
@@ -120,3 +120,31 @@ def test_ctrl_c_finishes_in_flight_records_and_exits_130(
     assert sent == received
     assert {status for _, status, _ in rows} == {"sent", "queued"}
     assert all(worker is None for _, _, worker in rows)
+
+
+def test_processes_share_the_campaign_and_send_each_message_once(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    addresses = add_recipients(db, 400)
+    with RecordingSMTPServer() as server:
+        sender = start_sender(
+            settings,
+            server.url(),
+            tmp_path,
+            "newsletter-2022-01",
+            "--segment",
+            "local-police",
+            "--yes",
+            "--processes",
+            "2",
+            "--concurrency",
+            "2",
+        )
+        out, err = sender.communicate(timeout=120)
+        received = [r for m in server.messages for r in m.recipients]
+    assert sender.returncode == 0, err.decode()
+    assert sorted(received) == sorted(addresses)  # everyone, once
+    assert b"This run: 400 sent" in out  # the summary counts both processes
+    with db.session() as s:
+        statuses = s.scalars(select(Delivery.status).distinct()).all()
+    assert statuses == ["sent"]
