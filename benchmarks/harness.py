@@ -400,14 +400,26 @@ class Bench:
     # ---- rows 5, 6 and 9b: clara-mail send, the whole pipeline
 
     def clara_send(
-        self, backend: str, concurrency: int, count: int, extra_env: dict[str, str] | None = None
+        self,
+        backend: str,
+        concurrency: int,
+        count: int,
+        extra_env: dict[str, str] | None = None,
+        processes: int = 1,
     ) -> Sample:
-        with self.dbs.fresh(backend, f"send-c{concurrency}") as url:
+        with self.dbs.fresh(backend, f"send-c{concurrency}-p{processes}") as url:
             self.import_recipients(url, count)
             env = self.clara_env(url, **(extra_env or {}))
             before = self.sink.wait_settled()
             result = self.clara(
-                "send", CAMPAIGN, "--yes", "--concurrency", str(concurrency), env=env
+                "send",
+                CAMPAIGN,
+                "--yes",
+                "--concurrency",
+                str(concurrency),
+                "--processes",
+                str(processes),
+                env=env,
             )
             if result.returncode != 0:
                 raise BenchError(f"clara-mail send: {result.first_error_line()}")
@@ -527,6 +539,14 @@ class Bench:
                     goal=f">= {SEND_GOAL_RATIO}x smtp-source",
                 )
                 self.attempt(row, partial(self.clara_send, backend, conc, n))
+            row = self.row(
+                f"send-{backend}-c4-p2",
+                f"5. clara-mail send, {backend}, --concurrency 4 --processes 2",
+                "msg/s",
+                ratio=True,
+                goal=f">= {SEND_GOAL_RATIO}x smtp-source",
+            )
+            self.attempt(row, partial(self.clara_send, backend, 4, n, None, 2))
         if (REPO / "clara_mailer" / "dkim.py").exists():
             row = self.row(
                 "send-dkim", "9b. clara-mail send, sqlite, c4, DKIM signed", "msg/s", ratio=True

@@ -52,7 +52,7 @@ def test_sigkill_at_several_points_loses_nobody_and_sends_nobody_twice(
     assert len(rows) == RECIPIENTS
     assert set(statuses) <= {"sent", "unknown"}, statuses
     # At most what was in flight at each kill: rows committed `sending` (4 connections, a
-    # queue of 16, a group of 16) plus replies received in the last 50 ms, not yet written.
+    # queue of 16, two groups of 16) plus the replies of the last 50 ms, not yet written.
     assert statuses["unknown"] <= 3 * 100
     for address, status in rows:
         if status == "sent":
