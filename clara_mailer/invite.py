@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from icalendar import Calendar, Event, vCalAddress, vText
-
 from .campaigns import CampaignDef
 
 PRODID = "-//CLARA project//clara-mail//EN"
@@ -24,6 +22,9 @@ def event_uid(defn: CampaignDef) -> str:
 
 def event_ics(defn: CampaignDef, language: str, description: str) -> bytes:
     """The VCALENDAR for ``defn``'s event in ``language`` (CRLF lines, UTF-8)."""
+    # Imported here: only invitations need it, and it costs a newsletter send ~3 MB.
+    from icalendar import Calendar, Event, vCalAddress, vText
+
     event_def = defn.event
     if event_def is None:
         raise ValueError(f"campaign {defn.slug} has no event")
