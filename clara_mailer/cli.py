@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -18,6 +18,10 @@ from . import __version__
 from .config import Settings, load_settings
 from .db import Database, open_database
 from .errors import MailerError
+
+if TYPE_CHECKING:  # the send module is imported only by the commands that send
+    from .send import Plan, SendOptions, SendSummary
+    from .send import Progress as SendProgress
 
 
 class App:
@@ -439,15 +443,46 @@ def preview_cmd(
 
 @main.command("send")
 @click.argument("campaign")
-@click.option("--segment", "segments", multiple=True, help="Segment to send to (repeatable; default: the campaign's).")
+@click.option(
+    "--segment",
+    "segments",
+    multiple=True,
+    help="Segment to send to (repeatable; default: the campaign's).",
+)
 @click.option("--dry-run", is_flag=True, help="Render every message, send nothing, write nothing.")
-@click.option("--test-to", metavar="ADDRESS", help="Send one sample per variant to ADDRESS; the log is untouched.")
+@click.option(
+    "--test-to",
+    metavar="ADDRESS",
+    help="Send one sample per variant to ADDRESS; the log is untouched.",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most N messages in this run.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="SMTP connections.")
-@click.option("--rate", type=click.FloatRange(min=0.01), help="At most N messages per second, across all workers.")
-@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True, help="Sender processes on this machine, each with --concurrency connections.")
-@click.option("--resend-unknown", is_flag=True, help="Resend messages whose outcome is unknown (same Message-ID).")
-@click.option("--allow-changed-templates", is_flag=True, help="Resume even though the templates changed.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="SMTP connections.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.01),
+    help="At most N messages per second, across all workers.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Sender processes on this machine, each with --concurrency connections.",
+)
+@click.option(
+    "--resend-unknown",
+    is_flag=True,
+    help="Resend messages whose outcome is unknown (same Message-ID).",
+)
+@click.option(
+    "--allow-changed-templates", is_flag=True, help="Resume even though the templates changed."
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before sending.")
 @pass_app
 def send_cmd(
@@ -490,8 +525,12 @@ def send_cmd(
         allow_changed_templates=allow_changed_templates,
     )
     if test_to:
-        for language, segment, result in send_test(app.db, app.settings, campaign, test_to, segments):
-            click.echo(f"{language}/{segment}: {result.outcome} {result.code or ''} {result.reply}".rstrip())
+        for language, segment, result in send_test(
+            app.db, app.settings, campaign, test_to, segments
+        ):
+            click.echo(
+                f"{language}/{segment}: {result.outcome} {result.code or ''} {result.reply}".rstrip()
+            )
         return
     if dry_run:
         report = do_dry_run(app.db, app.settings, campaign, options)
@@ -516,7 +555,7 @@ def send_cmd(
         raise SystemExit(130)
 
 
-def _print_plan(app: App, plan: Any) -> None:
+def _print_plan(app: App, plan: Plan) -> None:
     statuses = ["queued", "deferred", "sent", "failed", "unknown", "skipped", "bounced"]
     table = Table(title=f"{plan.campaign.slug} ({plan.campaign.kind})")
     table.add_column("segment")
@@ -532,7 +571,7 @@ def _print_plan(app: App, plan: Any) -> None:
     app.out.print(note)
 
 
-def _run_with_progress(app: App, plan: Any, options: Any, processes: int) -> Any:
+def _run_with_progress(app: App, plan: Plan, options: SendOptions, processes: int) -> SendSummary:
     import time as _time
 
     from rich.progress import (
@@ -556,7 +595,7 @@ def _run_with_progress(app: App, plan: Any, options: Any, processes: int) -> Any
         with Progress(*columns, console=app.err) as bar:
             task = bar.add_task(plan.campaign.slug, total=plan.to_send, rate=0.0, outcomes="")
 
-            def update(p: Any) -> None:
+            def update(p: SendProgress) -> None:
                 outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
                 bar.update(task, completed=p.done, total=p.total, rate=p.rate, outcomes=outcomes)
 
@@ -566,7 +605,7 @@ def _run_with_progress(app: App, plan: Any, options: Any, processes: int) -> Any
 
     last: list[Any] = [0.0, None]
 
-    def plain(p: Any) -> None:
+    def plain(p: SendProgress) -> None:
         # Not a terminal: a line every 5 s and one at the end, never the same line twice.
         now = _time.monotonic()
         if (now - last[0] >= 5 or p.done == p.total) and last[1] != (p.done, p.total):
@@ -577,10 +616,12 @@ def _run_with_progress(app: App, plan: Any, options: Any, processes: int) -> Any
     return run_send(app.db, app.settings, plan, options, progress=plain, processes=processes)
 
 
-def _print_summary(app: App, summary: Any) -> None:
+def _print_summary(app: App, summary: SendSummary) -> None:
     rate = summary.attempted / summary.elapsed if summary.elapsed else 0.0
     outcomes = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing"
-    app.out.print(f"This run: {outcomes} in {summary.elapsed:.1f}s ({rate:.0f} msg/s) via {summary.transport}")
+    app.out.print(
+        f"This run: {outcomes} in {summary.elapsed:.1f}s ({rate:.0f} msg/s) via {summary.transport}"
+    )
     if not summary.network:
         app.out.print("Nothing went over the network: messages were written to the outbox.")
     totals = ", ".join(f"{v} {k}" for k, v in sorted(summary.totals.items()))
@@ -742,7 +783,9 @@ def recipients_export_data(app: App, address: str) -> None:
 @click.option("--segment", metavar="SLUG", help="Only this segment's deliveries.")
 @click.option(
     "--status",
-    type=click.Choice(["sent", "deferred", "failed", "bounced", "unknown", "skipped", "queued", "sending"]),
+    type=click.Choice(
+        ["sent", "deferred", "failed", "bounced", "unknown", "skipped", "queued", "sending"]
+    ),
     help="List the recipients in this state (who did not get it?).",
 )
 @click.option(
