@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import threading
 import time
 from collections import Counter
@@ -300,3 +301,47 @@ def test_dry_run_renders_everything_and_writes_nothing(db: Database, settings: S
     assert result.largest > 1000
     assert deliveries(db) == {}
     assert not settings.outbox_dir.exists()
+
+
+def test_dkim_signed_campaign_verifies_as_received(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    add_recipients(db, 3)
+    with RecordingSMTPServer() as server:
+        signed = smtp_settings(
+            settings,
+            server,
+            dkim_domain="clara.example",
+            dkim_selector="s1",
+            dkim_key_file=key_file,
+        )
+        send(db, signed)
+        received = [m.data for m in server.messages]
+    assert len(received) == 3
+    for data in received:
+        assert data.startswith(b"DKIM-Signature:")
+        signature = re.match(rb"DKIM-Signature:(.*?)\r\n(?![ \t])", data, re.S)
+        assert signature
+        unfolded = re.sub(rb"\s+", b"", signature.group(1)).lower()
+        signed_headers = re.search(rb";h=([^;]+)", unfolded)
+        assert signed_headers and b"list-unsubscribe-post" in signed_headers.group(1).split(b":")
+        assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
