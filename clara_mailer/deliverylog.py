@@ -99,6 +99,41 @@ class PlanCounts:
     skipped: int = 0
 
 
+_MARK_SENDING = (
+    update(Delivery)
+    .where(Delivery.id == bindparam("b_id"))
+    .values(
+        status=Status.SENDING.value,
+        message_id=bindparam("b_mid"),
+        last_attempt_at=bindparam("b_now"),
+    )
+)
+
+_RECORD = (
+    update(Delivery)
+    .where(
+        Delivery.id == bindparam("b_id"),
+        # Plain comparisons: executemany cannot expand IN lists.
+        or_(*(Delivery.status == st.value for st in _WRITABLE)),
+    )
+    .values(
+        status=bindparam("b_status"),
+        smtp_code=bindparam("b_code"),
+        smtp_reply=bindparam("b_reply"),
+        attempts=Delivery.attempts + bindparam("b_inc"),
+        next_attempt_at=bindparam("b_next"),
+        last_attempt_at=bindparam("b_at"),
+        first_attempt_at=case(
+            (bindparam("b_inc") == 1, func.coalesce(Delivery.first_attempt_at, bindparam("b_at"))),
+            else_=Delivery.first_attempt_at,
+        ),
+        sent_at=func.coalesce(bindparam("b_sent"), Delivery.sent_at),
+        worker_id=None,
+        lease_expires_at=None,
+    )
+)
+
+
 class DeliveryLog:
     """The delivery rows of one campaign, seen by one worker."""
 
@@ -372,19 +407,15 @@ class DeliveryLog:
         if not entries:
             return {}
         now = utcnow()
-        with self.db.session() as s:
-            suppressed = active_suppressions(s, (h for _, _, h in entries), kind)
-            params = [{"b_id": i, "b_mid": m} for i, m, h in entries if h not in suppressed]
+        # Core, not an ORM session: this runs for every group of messages, and the
+        # session's bookkeeping cost more than the statement.
+        with self.db.engine.begin() as conn:
+            suppressed = active_suppressions(conn, (h for _, _, h in entries), kind)
+            params = [
+                {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
+            ]
             if params:
-                s.connection().execute(
-                    update(Delivery)
-                    .where(Delivery.id == bindparam("b_id"))
-                    .values(
-                        status=Status.SENDING, message_id=bindparam("b_mid"), last_attempt_at=now
-                    )
-                    .execution_options(synchronize_session=False),
-                    params,
-                )
+                conn.execute(_MARK_SENDING, params)
         return suppressed
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
@@ -404,35 +435,8 @@ class DeliveryLog:
             }
             for o in outcomes
         ]
-        with self.db.session() as s:
-            s.connection().execute(
-                update(Delivery)
-                .where(
-                    Delivery.id == bindparam("b_id"),
-                    # Plain comparisons: executemany cannot expand IN lists.
-                    or_(*(Delivery.status == st for st in _WRITABLE)),
-                )
-                .values(
-                    status=bindparam("b_status"),
-                    smtp_code=bindparam("b_code"),
-                    smtp_reply=bindparam("b_reply"),
-                    attempts=Delivery.attempts + bindparam("b_inc"),
-                    next_attempt_at=bindparam("b_next"),
-                    last_attempt_at=bindparam("b_at"),
-                    first_attempt_at=case(
-                        (
-                            bindparam("b_inc") == 1,
-                            func.coalesce(Delivery.first_attempt_at, bindparam("b_at")),
-                        ),
-                        else_=Delivery.first_attempt_at,
-                    ),
-                    sent_at=func.coalesce(bindparam("b_sent"), Delivery.sent_at),
-                    worker_id=None,
-                    lease_expires_at=None,
-                )
-                .execution_options(synchronize_session=False),
-                params,
-            )
+        with self.db.engine.begin() as conn:
+            conn.execute(_RECORD, params)
 
     # -- figures ------------------------------------------------------------------------
 

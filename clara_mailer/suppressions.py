@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Connection, func, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import InputError, NotFound
@@ -28,7 +28,7 @@ REASONS = (
 
 
 def active_suppressions(
-    session: Session, hashes: Iterable[str], kind: str | None = None
+    session: Session | Connection, hashes: Iterable[str], kind: str | None = None
 ) -> dict[str, str]:
     """address_hash -> reason for each hash suppressed for ``kind`` (None: any scope)."""
     wanted = list(set(hashes))
