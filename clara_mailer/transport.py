@@ -112,7 +112,11 @@ def _envelope_address(address: str, use_utf8: bool) -> bytes:
 def _prepare_envelope(
     envelope_from: str, recipient: str, message: bytes, server_smtputf8: bool
 ) -> _Envelope | SendResult:
-    """Check the addresses and choose the MAIL parameters, or say why it cannot go."""
+    """Check the addresses and the line endings and choose the MAIL parameters, or say
+    why the message cannot go."""
+    bad = _bad_line_endings(message)
+    if bad is not None:
+        return bad
     for role, address in (("sender", envelope_from), ("recipient", recipient)):
         if (address or role == "recipient") and (
             _FORBIDDEN_IN_ADDRESS.search(address) or "@" not in address
@@ -367,9 +371,6 @@ class SMTPConnection:
         envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
-        bad = _bad_line_endings(message)
-        if bad is not None:
-            return bad
         options = []
         if envelope.smtputf8:
             options.append(b"SMTPUTF8")
@@ -458,9 +459,6 @@ class OutboxConnection:
         envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
-        bad = _bad_line_endings(message)
-        if bad is not None:
-            return bad
         # One file per recipient: a resend of the same delivery replaces its file.
         # Write-then-rename so a reader never sees half a message (no fsync: a dry run
         # does not need to survive a power cut, and fsync would cost milliseconds).
@@ -529,9 +527,6 @@ class MemoryConnection:
         envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
-        bad = _bad_line_endings(message)
-        if bad is not None:
-            return bad
         scripted = self._transport.replies.get(recipient)
         if isinstance(scripted, SendResult):
             result = scripted

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -15,23 +14,13 @@ from clara_mailer.db import Database
 from clara_mailer.models import Suppression
 from clara_mailer.tokens import TokenSigner
 from clara_mailer.web import create_app
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, needs_chromium
 from tests.optout_seed import ANA, seed
 from tests.web_server import serve_in_thread
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin"),
+    needs_chromium,
 ]
 
 

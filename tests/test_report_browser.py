@@ -11,18 +11,8 @@ from click.testing import Result
 
 from clara_mailer.config import Settings
 from clara_mailer.db import Database
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, needs_chromium
 from tests.report_helpers import NEWSLETTER, build_newsletter_log
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 BARS_JS = """() => Array.from(document.querySelectorAll('svg.chart')).map(svg => ({
     chart: svg.dataset.chart,
@@ -33,7 +23,7 @@ BARS_JS = """() => Array.from(document.querySelectorAll('svg.chart')).map(svg =>
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+@needs_chromium
 def test_html_report_draws_its_charts_in_chromium(
     db: Database, settings: Settings, cli: Callable[..., Result], tmp_path: Path
 ) -> None:
