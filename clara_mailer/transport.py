@@ -351,6 +351,7 @@ class SMTPConnection:
     async def _reset(self, client: aiosmtplib.SMTP, result: SendResult) -> SendResult:
         """After a refusal mid-transaction: RSET so the session can carry on."""
         if result.connection_broken or not client.is_connected:
+            client.close()  # a 421 leaves the socket open: close it, not leave it to GC
             self._client = None
             return SendResult(result.outcome, result.code, result.reply, connection_broken=True)
         try:
