@@ -3,6 +3,7 @@ CLARA_TEST_POSTGRES_URL names a server (``.ci/run`` starts one), on PostgreSQL t
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,14 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("CI") and not PG_URL:
         raise pytest.UsageError("CI must run the suite on PostgreSQL: set CLARA_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect after each test, so a socket or connection left open fails the test that
+    leaked it (warnings are errors) rather than a random later one."""
+    yield
+    gc.collect()
 
 
 def _new_postgres_database() -> tuple[str, Callable[[], None]]:
