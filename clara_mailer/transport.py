@@ -171,6 +171,17 @@ _TLS_MODES = {"starttls", "none"}
 _QUERY_KEYS = {"tls", "ca_file", "ehlo"}
 
 
+async def _wait_closed(protocol: SMTPProtocol | None, wait: float = 1.0) -> None:
+    """Wait until a closed connection is really gone: closing TLS takes a round trip
+    (close_notify), and an event loop that stops first leaves the socket to the GC."""
+    if protocol is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while protocol.transport is not None and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+
+
 class SMTPTransport:
     """An SMTP relay (aiosmtplib); credentials live only in this object's memory."""
 
@@ -294,17 +305,27 @@ class SMTPTransport:
             if client.is_ehlo_or_helo_needed:
                 await client.ehlo()
         except SMTPException as exc:
-            client.close()
+            await self._abandon(client)
             text = str(exc)
             if "STARTTLS extension not supported" in text:
                 text = "the server does not offer STARTTLS (add ?tls=none to send unencrypted)"
             raise TransportError(f"cannot connect to {self.description}: {text}") from None
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            client.close()
+            await self._abandon(client)
             raise TransportError(
                 f"cannot connect to {self.description}: {exc or type(exc).__name__}"
             ) from None
         return client
+
+    async def _abandon(self, client: aiosmtplib.SMTP) -> None:
+        protocol = client.protocol
+        client.close()
+        if protocol is not None:
+            await _wait_closed(protocol)
+        elif self.tls != "none":
+            # aiosmtplib closed it itself on this error and dropped its protocol: give the
+            # TLS close a moment to finish (only on a failed connect).
+            await asyncio.sleep(0.05)
 
     async def connect(self) -> SMTPConnection:
         return SMTPConnection(self, await self._open())
@@ -429,12 +450,14 @@ class SMTPConnection:
         client, self._client = self._client, None
         if client is None or not client.is_connected:
             return
+        protocol = client.protocol  # quit() drops it from the client
         try:
             await client.quit(timeout=min(self._transport.timeout, 5.0))
         except (SMTPException, OSError):
             pass
         finally:
             client.close()
+            await _wait_closed(protocol)
 
 
 # --- outbox and memory ------------------------------------------------------------------
