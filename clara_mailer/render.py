@@ -15,6 +15,7 @@ encoded with ``binascii.b2a_qp`` (C), plus a few headers built directly.
 from __future__ import annotations
 
 import binascii
+import copy
 import dataclasses
 import datetime as dt
 import email
@@ -229,6 +230,13 @@ class Renderer:
         self._ics: dict[str, bytes] = {}
         self._date_second = -1
         self._date = b""
+
+    def for_campaign(self, campaign_id: int) -> Renderer:
+        """This renderer for another campaign id, sharing the variants already prepared
+        (they hold no token and no id: those are per recipient)."""
+        other = copy.copy(self)
+        other.campaign_id = campaign_id
+        return other
 
     # -- per-variant work -------------------------------------------------------------
 
@@ -548,8 +556,10 @@ HOSTILE = RecipientView(
 )
 
 
-def check_campaign(settings: Settings, slug: str) -> list[str]:
-    """Every problem that would spoil a send, each with file (and line); empty when fine."""
+def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = None) -> list[str]:
+    """Every problem that would spoil a send, each with file (and line); empty when fine.
+    With ``renderer`` (for this campaign), the variants it prepares stay in its cache for
+    the send that follows the check."""
     try:
         defn = load_campaign(settings, slug)
     except CampaignError as exc:
@@ -569,8 +579,9 @@ def check_campaign(settings: Settings, slug: str) -> list[str]:
                 f"{toml}: languages.{language}.subject is {len(subject)} characters, "
                 f"over {MAX_SUBJECT_CHARS}"
             )
-    signer = TokenSigner(settings.secret_key or "check-only: these tokens are never sent")
-    renderer = Renderer(defn, settings, signer, 0)
+    if renderer is None:
+        signer = TokenSigner(settings.secret_key or "check-only: these tokens are never sent")
+        renderer = Renderer(defn, settings, signer, 0)
     segments = sorted({"", *defn.default_segments, *STANDARD_SEGMENTS})
     for language in defn.languages:
         template = defn.template_file(language)

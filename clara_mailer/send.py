@@ -72,6 +72,7 @@ class Plan:
     skipped: int
     requeued_unknown: int
     counts: dict[str, dict[str, int]]  # segment -> status -> count
+    renderer: Renderer | None = field(default=None, repr=False, compare=False)
 
     def total(self, *statuses: str) -> int:
         return sum(c.get(s, 0) for c in self.counts.values() for s in statuses)
@@ -143,6 +144,7 @@ class _Checked:
     segments: list[tuple[int, str]]  # (segment id, slug), in the order asked for
     signer: TokenSigner
     campaign_id: int  # 0 while the campaign has no delivery log
+    renderer: Renderer  # variants already prepared by the check
 
 
 def _checked_campaign(
@@ -151,9 +153,6 @@ def _checked_campaign(
     """Load and check the campaign and resolve its segments: what every send path needs
     before it renders anything."""
     defn = load_campaign(settings, slug)
-    problems = check_campaign(settings, slug)
-    if problems:
-        raise CheckFailed(slug, problems)
     chosen = segments or defn.default_segments
     if not chosen:
         raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
@@ -164,7 +163,13 @@ def _checked_campaign(
             known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
             raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
         campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == defn.slug)) or 0
-    return _Checked(defn, ids, TokenSigner(db.secret_key(settings)), campaign_id)
+    signer = TokenSigner(db.secret_key(settings))
+    # The check prepares every variant; the send then reuses them from this renderer.
+    renderer = Renderer(defn, settings, signer, campaign_id)
+    problems = check_campaign(settings, slug, renderer)
+    if problems:
+        raise CheckFailed(slug, problems)
+    return _Checked(defn, ids, signer, campaign_id, renderer)
 
 
 def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptions) -> Plan:
@@ -195,6 +200,7 @@ def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptio
         skipped=planned.skipped,
         requeued_unknown=requeued,
         counts=log.status_counts([name for _, name in checked.segments]),
+        renderer=checked.renderer.for_campaign(campaign_id),
     )
 
 
@@ -247,7 +253,9 @@ class _Worker:
         self.progress = progress
         self.log = DeliveryLog(db, plan.campaign_id, options.worker_id)
         self.signer = TokenSigner(db.secret_key(settings))
-        self.renderer = Renderer(plan.campaign, settings, self.signer, plan.campaign_id)
+        self.renderer = plan.renderer or Renderer(
+            plan.campaign, settings, self.signer, plan.campaign_id
+        )
         self.dkim = _dkim_signer(settings)
         self.concurrency = max(1, options.concurrency)
         self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=self.concurrency * 4)
@@ -773,7 +781,7 @@ def dry_run(db: Database, settings: Settings, slug: str, options: SendOptions) -
     checked = _checked_campaign(db, settings, slug, options.segments)
     defn, signer = checked.defn, checked.signer
     result = DryRun(slug)
-    renderer = Renderer(defn, settings, signer, checked.campaign_id)
+    renderer = checked.renderer
     seen: set[int] = set()
     for segment_id, segment in checked.segments:
         after = 0
@@ -826,7 +834,7 @@ def send_test(
     checked = _checked_campaign(db, settings, slug, segments)
     defn = checked.defn
     chosen = [name for _, name in checked.segments]
-    renderer = Renderer(defn, settings, checked.signer, checked.campaign_id)
+    renderer = checked.renderer
     transport = transport or transport_from_settings(settings, f"{slug}-test")
     results: list[tuple[str, str, SendResult]] = []
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from sqlalchemy import insert, select
 
 from clara_mailer.config import Settings
 from clara_mailer.db import Database
-from clara_mailer.models import Recipient, Segment, recipient_segments, utcnow
+from clara_mailer.models import Delivery, Recipient, Segment, recipient_segments, utcnow
 
 
 def add_recipients(
@@ -84,3 +85,22 @@ def start_sender(
         stdout=pipe,
         stderr=pipe,
     )
+
+
+def check_received_once(db: Database, received: Counter[str], total: int) -> Counter[str]:
+    """The crash and scale-out promise, checked against what the SMTP server received:
+    every recipient ended `sent` or `unknown`; each `sent` one arrived exactly once; an
+    `unknown` one (in flight when a sender died) at most once; nobody else arrived.
+    Returns the count of each status."""
+    with db.session() as s:
+        rows: dict[str | None, str] = {
+            e: st for e, st in s.execute(select(Delivery.email, Delivery.status))
+        }
+    statuses = Counter(rows.values())
+    assert len(rows) == total
+    assert set(statuses) <= {"sent", "unknown"}, statuses
+    for address, status in rows.items():
+        expected = {1} if status == "sent" else {0, 1}
+        assert received[address] in expected, (address, status, received[address])
+    assert set(received) <= set(rows), "the server received mail for no planned recipient"
+    return statuses
