@@ -463,23 +463,6 @@ class DeliveryLog:
                 )
             )
 
-    def busy_elsewhere(self) -> int:
-        """Rows leased or in flight at other live workers (their outcome is pending)."""
-        now = utcnow()
-        with self.db.session() as s:
-            return (
-                s.scalar(
-                    select(func.count()).where(
-                        Delivery.campaign_id == self.campaign_id,
-                        Delivery.worker_id.is_not(None),
-                        Delivery.worker_id != self.worker_id,
-                        Delivery.lease_expires_at >= now,
-                        Delivery.status.in_((Status.QUEUED, Status.DEFERRED, Status.SENDING)),
-                    )
-                )
-                or 0
-            )
-
 
 def segment_ids(s: Session, slugs: Sequence[str]) -> list[tuple[int, str]]:
     found = dict(s.execute(select(Segment.slug, Segment.id).where(Segment.slug.in_(slugs))).all())

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .campaigns import CampaignDef, load_campaign, template_hash
@@ -854,25 +854,8 @@ def send_test(
     return results
 
 
-def campaign_counts(db: Database, slug: str) -> dict[str, int]:
-    """status -> count for a campaign (empty when it has no delivery log)."""
-    with db.session() as s:
-        rows = s.execute(
-            select(Delivery.status, func.count())
-            .join(Campaign, Campaign.id == Delivery.campaign_id)
-            .where(Campaign.slug == slug)
-            .group_by(Delivery.status)
-        ).all()
-    return {status: count for status, count in rows}
-
-
-class Interrupted(SendError):
-    exit_code = 130
-
-
 __all__ = [
     "DryRun",
-    "Interrupted",
     "Plan",
     "Progress",
     "SendOptions",
