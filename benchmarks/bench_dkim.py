@@ -24,7 +24,7 @@ from typing import Any
 
 import dkim
 
-from clara_mailer.dkim import SIGNED_HEADERS, DkimSigner
+from clara_mailer.compose.dkim import SIGNED_HEADERS, DkimSigner
 
 DOMAIN = b"clara.example"
 SELECTOR = b"bench"

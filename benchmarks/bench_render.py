@@ -9,10 +9,11 @@ import argparse
 import time
 import tracemalloc
 
-from clara_mailer.campaigns import load_campaign
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.render import RecipientView, Renderer
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.compose.campaigns import load_campaign
+from clara_mailer.compose.render import RecipientView, Renderer
+from clara_mailer.core.resources import EMAIL_TEMPLATES
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
 
 SEGMENTS = ("national-authorities", "local-police", "associations")
 NAMES = ("Inés García Muñoz", "John Smith", "", "Ana María Pérez de la Fuente")
@@ -41,7 +42,7 @@ def main() -> None:
     settings = Settings(
         secret_key="bench-secret-0123456789abcdef",
         base_url="https://clara.example",
-        templates_dir=PACKAGE_ROOT / "templates" / "email",
+        templates_dir=EMAIL_TEMPLATES,
     )
     signer = TokenSigner(settings.secret_key or "")
     people = recipients(args.recipients)

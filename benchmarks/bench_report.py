@@ -32,14 +32,14 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_report_data import CAMPAIGN, fill
-from clara_mailer.config import Settings
-from clara_mailer.db import open_database
-from clara_mailer.report import (
+from clara_mailer.core.settings import Settings
+from clara_mailer.reporting.report import (
     ReportOptions,
     build_report,
     campaign_overview,
     write_report,
 )
+from clara_mailer.store.database import open_database
 
 
 class _Sink(io.StringIO):

@@ -25,11 +25,11 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clara_mailer.config import Settings
-from clara_mailer.db import open_database
-from clara_mailer.models import Campaign, Recipient, Suppression
-from clara_mailer.tokens import TokenSigner
-from clara_mailer.web import create_app
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.store.database import open_database
+from clara_mailer.store.models import Campaign, Recipient, Suppression
+from clara_mailer.web.app import create_app
 from tests.web_server import serve_in_thread
 
 

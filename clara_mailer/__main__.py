@@ -1,4 +1,4 @@
-from .cli import main
+from clara_mailer.cli import main
 
-if __name__ == "__main__":  # guarded: `send --workers` starts processes that import this
+if __name__ == "__main__":  # guarded: `send --processes` starts spawned processes that import this
     main()

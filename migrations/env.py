@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from clara_mailer.models import Base
+from clara_mailer.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,12 +14,15 @@ from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.db import Database, open_database
+from clara_mailer.core.resources import EMAIL_TEMPLATES
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database, open_database
 
 PG_URL = os.environ.get("CLARA_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
 TEST_SECRET = "test-secret-key-0123456789abcdef"
+#: The checkout: the seed CSV files and the sources the tests read live here.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -70,7 +73,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         outbox_dir=tmp_path / "outbox",
         secret_key=TEST_SECRET,
         base_url="https://clara.example",
-        templates_dir=PACKAGE_ROOT / "templates" / "email",
+        templates_dir=EMAIL_TEMPLATES,
     )
 
 
@@ -95,7 +98,7 @@ def cli(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., Result]:
     """Run ``clara-mail ARGS`` in-process with click's CliRunner, in tmp_path."""
-    from clara_mailer.cli import main
+    from clara_mailer.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     env = settings_env(settings)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from clara_mailer.db import Database
-from clara_mailer.models import Bounce, Campaign, Delivery, Recipient, Rsvp, Segment, utcnow
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Rsvp, Segment, utcnow
 
 ANA = "Ana.Perez@policia-getafe.example"
 JOHN = "john.smith@oberaxe.example"

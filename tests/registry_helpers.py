@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from clara_mailer.db import Database
-from clara_mailer.models import Recipient, Segment, recipient_segments
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Recipient, Segment, recipient_segments
 
 
 def write(

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from clara_mailer import suppressions
-from clara_mailer.bounces import import_bounces
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.mailboxes import BounceSource
-from clara_mailer.models import Campaign, Delivery, Recipient, Rsvp
-from clara_mailer.send import SendOptions, prepare_send, run_send
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.bounces.dsn import import_bounces
+from clara_mailer.bounces.mailboxes import BounceSource
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts import suppressions
+from clara_mailer.sending.worker import SendOptions, prepare_send, run_send
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Campaign, Delivery, Recipient, Rsvp
 from tests.send_helpers import add_recipients
 from tests.smtp_server import Faults, RecordingSMTPServer
 

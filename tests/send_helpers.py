@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.models import Delivery, Recipient, Segment, recipient_segments, utcnow
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery, Recipient, Segment, recipient_segments, utcnow
 
 
 def add_recipients(

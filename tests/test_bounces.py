@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from clara_mailer.bounces import classify, import_bounces, normalise_status, parse_message
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import BounceError
-from clara_mailer.mailboxes import BounceSource
-from clara_mailer.models import Bounce, Delivery, Suppression
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.bounces.dsn import classify, import_bounces, normalise_status, parse_message
+from clara_mailer.bounces.mailboxes import BounceSource
+from clara_mailer.core.errors import BounceError
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Bounce, Delivery, Suppression
 from tests.bounces_helpers import (
     RECIPIENTS,
     all_samples,

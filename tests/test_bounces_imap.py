@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from clara_mailer.bounces import import_bounces
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import BounceError
-from clara_mailer.mailboxes import PROCESSED_KEYWORD, BounceSource
+from clara_mailer.bounces.dsn import import_bounces
+from clara_mailer.bounces.mailboxes import PROCESSED_KEYWORD, BounceSource
+from clara_mailer.core.errors import BounceError
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
 from tests.bounces_helpers import all_samples, bounce_rows, delivery_status, seed
 
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "start-dovecot.sh"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from clara_mailer.bounces import import_bounces
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.mailboxes import BounceSource
-from clara_mailer.models import Delivery, Recipient, Status
-from clara_mailer.tokens import TokenSigner, verp_address
+from clara_mailer.bounces.dsn import import_bounces
+from clara_mailer.bounces.mailboxes import BounceSource
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner, verp_address
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery, Recipient, Status
 from tests.bounces_helpers import bounce_rows, seed, suppression_reasons, write_mbox
 from tests.postfix_mta import PostfixInstance, postfix_available
 from tests.smtp_server import Faults, RecordingSMTPServer

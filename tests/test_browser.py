@@ -8,12 +8,12 @@ import re
 import pytest
 from sqlalchemy import select
 
-from clara_mailer import campaigns, render
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.models import Suppression
-from clara_mailer.tokens import TokenSigner
-from clara_mailer.web import create_app
+from clara_mailer.compose import campaigns, render
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Suppression
+from clara_mailer.web.app import create_app
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, needs_chromium
 from tests.optout_seed import ANA, seed
 from tests.web_server import serve_in_thread

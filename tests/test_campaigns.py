@@ -11,14 +11,15 @@ import pytest
 from click.testing import Result
 from sqlalchemy import select
 
-from clara_mailer.campaigns import list_campaigns, load_campaign, template_hash
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import CampaignError, NotFound
-from clara_mailer.models import Recipient, Segment
-from clara_mailer.render import check_campaign, message_parts, parse_message
+from clara_mailer.compose.campaigns import list_campaigns, load_campaign, template_hash
+from clara_mailer.compose.render import check_campaign, message_parts, parse_message
+from clara_mailer.core.errors import CampaignError, NotFound
+from clara_mailer.core.resources import EMAIL_TEMPLATES
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Recipient, Segment
 
-TEMPLATES = PACKAGE_ROOT / "templates" / "email"
+TEMPLATES = EMAIL_TEMPLATES
 Cli = Callable[..., Result]
 
 
@@ -122,7 +123,7 @@ def test_cli_check_ok_and_broken(cli: Cli, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("CLARA_TEMPLATES_DIR", str(templates))
     from click.testing import CliRunner
 
-    from clara_mailer.cli import main
+    from clara_mailer.cli.commands import main
 
     result = CliRunner().invoke(main, ["check", "newsletter-2022-01"], catch_exceptions=False)
     assert result.exit_code == 2

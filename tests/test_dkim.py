@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from clara_mailer.config import Settings
-from clara_mailer.dkim import DkimSigner
-from clara_mailer.errors import ConfigError
-from clara_mailer.transport import Outcome, SMTPTransport
+from clara_mailer.compose.dkim import DkimSigner
+from clara_mailer.core.errors import ConfigError
+from clara_mailer.core.settings import Settings
+from clara_mailer.transport.smtp import Outcome, SMTPTransport
 from tests.smtp_server import RecordingSMTPServer
 
 MESSAGE = (

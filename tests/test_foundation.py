@@ -13,13 +13,13 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner, Result
 from sqlalchemy import select
 
-from clara_mailer import db as db_module
-from clara_mailer.cli import main
-from clara_mailer.config import Settings, load_settings
-from clara_mailer.db import Database, open_database
-from clara_mailer.errors import ConfigError, SchemaOutdated, TokenError
-from clara_mailer.models import STANDARD_SEGMENTS, Base, Meta, Segment
-from clara_mailer.tokens import TokenSigner, verp_address, verp_token
+from clara_mailer.cli.commands import main
+from clara_mailer.core.errors import ConfigError, SchemaOutdated, TokenError
+from clara_mailer.core.settings import Settings, load_settings
+from clara_mailer.core.tokens import TokenSigner, verp_address, verp_token
+from clara_mailer.store import database as db_module
+from clara_mailer.store.database import Database, open_database
+from clara_mailer.store.models import STANDARD_SEGMENTS, Base, Meta, Segment
 from tests.conftest import settings_env
 
 Cli = Callable[..., Result]
@@ -73,7 +73,7 @@ def test_a_database_behind_the_code_is_refused_until_upgraded(
     # Made at 0001 with the real migrations, then opened by "newer" code.
     database = Database(settings.database_url)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(db_module, "MIGRATIONS_DIR", db_module.PACKAGE_ROOT / "migrations")
+        mp.setattr(db_module, "MIGRATIONS_DIR", db_module.MIGRATIONS)
         mp.setattr(db_module, "SCHEMA_HEAD", "0001")
         database.ensure_current()
     with pytest.raises(SchemaOutdated, match="run `clara-mail db upgrade`"):

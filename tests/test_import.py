@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from clara_mailer import suppressions
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import UnreadableFile
-from clara_mailer.registry import ImportOptions, ImportReport, import_files
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.errors import UnreadableFile
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts import suppressions
+from clara_mailer.registry.importer import ImportOptions, ImportReport, import_files
+from clara_mailer.store.database import Database
 
+from .conftest import REPO_ROOT
 from .registry_helpers import members_of, recipient, registry_state, write
 
 Cli = Callable[..., Result]
@@ -409,7 +410,7 @@ def test_unterminated_quote_after_many_chunks_rolls_back_the_file(
 
 
 def test_seed_registry_imports_with_its_counts(cli: Cli, db: Database) -> None:
-    seeds = sorted((PACKAGE_ROOT / "recipients").glob("*.csv"))
+    seeds = sorted((REPO_ROOT / "recipients").glob("*.csv"))
     assert [p.name for p in seeds] == [
         "associations.csv",
         "local-police.csv",

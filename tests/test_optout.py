@@ -11,12 +11,12 @@ import pytest
 from click.testing import Result
 from sqlalchemy import select
 
-from clara_mailer import suppressions
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import InputError, NotFound
-from clara_mailer.models import Suppression
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.errors import InputError, NotFound
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts import suppressions
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Suppression
 
 Cli = Callable[..., Result]
 ADDRESS = "Luis.Garcia@policia-elche.example"

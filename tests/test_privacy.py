@@ -10,13 +10,13 @@ import pytest
 from click.testing import Result
 from sqlalchemy import String, Text, func, inspect, select, text
 
-from clara_mailer import privacy
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import InputError, NotFound
-from clara_mailer.models import Delivery, Recipient, Rsvp, Suppression, recipient_segments
-from clara_mailer.suppressions import active_suppressions
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.errors import InputError, NotFound
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts import privacy
+from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery, Recipient, Rsvp, Suppression, recipient_segments
 from tests.optout_seed import ANA, JOHN, Seeded, seed
 
 Cli = Callable[..., Result]

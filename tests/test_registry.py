@@ -13,7 +13,7 @@ import pytest
 from click.testing import Result
 from email_validator import EmailNotValidError, validate_email
 
-from clara_mailer.registry import AddressError, AddressValidator
+from clara_mailer.registry.importer import AddressError, AddressValidator
 
 from .registry_helpers import write
 

@@ -13,11 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from icalendar import Calendar
 
-from clara_mailer.campaigns import load_campaign
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.errors import NeedsSMTPUTF8, UnsendableRecipient
-from clara_mailer.headers import wire_address
-from clara_mailer.render import (
+from clara_mailer.compose.campaigns import load_campaign
+from clara_mailer.compose.headers import wire_address
+from clara_mailer.compose.render import (
     RecipientView,
     Renderer,
     clean_field,
@@ -27,7 +25,10 @@ from clara_mailer.render import (
     raw_headers,
     rfc2047_addresses,
 )
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.errors import NeedsSMTPUTF8, UnsendableRecipient
+from clara_mailer.core.resources import EMAIL_TEMPLATES
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
 
 SECRET = "test-secret-key-0123456789abcdef"
 CAMPAIGNS = ["newsletter-2022-01", "conference-2022-02-04"]
@@ -35,7 +36,7 @@ SEGMENTS = ["national-authorities", "local-police", "associations", ""]
 SETTINGS = Settings(
     secret_key=SECRET,
     base_url="https://clara.example",
-    templates_dir=PACKAGE_ROOT / "templates" / "email",
+    templates_dir=EMAIL_TEMPLATES,
 )
 SIGNER = TokenSigner(SECRET)
 

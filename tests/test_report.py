@@ -14,10 +14,10 @@ import pytest
 from click.testing import Result
 from sqlalchemy import select
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.models import Delivery
-from clara_mailer.report import DELIVERY_COLUMNS, STATUSES
+from clara_mailer.core.settings import Settings
+from clara_mailer.reporting.report import DELIVERY_COLUMNS, STATUSES
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery
 from tests.report_helpers import (
     FORMULA_ORG,
     INVITATION,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, needs_chromium
 from tests.report_helpers import NEWSLETTER, build_newsletter_log
 

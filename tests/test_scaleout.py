@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.db import Database
-from clara_mailer.dbcopy import copy_database
-from clara_mailer.deliverylog import DeliveryLog
-from clara_mailer.errors import DatabaseError
-from clara_mailer.models import Campaign, Delivery, Recipient, utcnow
-from clara_mailer.report import build_report
-from clara_mailer.send import SendOptions, prepare_send, run_send
+from clara_mailer.core.errors import DatabaseError
+from clara_mailer.core.resources import EMAIL_TEMPLATES
+from clara_mailer.core.settings import Settings
+from clara_mailer.deliverylog.log import DeliveryLog
+from clara_mailer.reporting.report import build_report
+from clara_mailer.sending.worker import SendOptions, prepare_send, run_send
+from clara_mailer.store.copying import copy_database
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Campaign, Delivery, Recipient, utcnow
 from tests.conftest import PG_URL, TEST_SECRET, _new_postgres_database
 from tests.send_helpers import add_recipients, check_received_once, start_sender
 from tests.smtp_server import RecordingSMTPServer
@@ -151,7 +152,7 @@ def test_copy_sqlite_registry_and_log_to_postgresql(tmp_path: Path) -> None:
         database_url=f"sqlite:///{tmp_path / 'src.db'}",
         outbox_dir=tmp_path / "outbox",
         secret_key=TEST_SECRET,
-        templates_dir=PACKAGE_ROOT / "templates" / "email",
+        templates_dir=EMAIL_TEMPLATES,
     )
     source = Database(source_settings.database_url)
     source.ensure_current()

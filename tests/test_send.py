@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.errors import NotFound, SendError
-from clara_mailer.models import Campaign, Delivery
-from clara_mailer.send import SendOptions, dry_run, prepare_send, run_send
-from clara_mailer.suppressions import suppress
-from clara_mailer.tokens import TokenSigner
+from clara_mailer.core.errors import NotFound, SendError
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts.suppressions import suppress
+from clara_mailer.sending.worker import SendOptions, dry_run, prepare_send, run_send
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Campaign, Delivery
 from tests.send_helpers import add_recipients
 from tests.smtp_server import DROP_AFTER_DATA, SLOW_AFTER_DATA, Faults, RecordingSMTPServer
 
@@ -282,7 +282,7 @@ def test_smtputf8_recipient_fails_clearly_without_the_extension(
 def test_unreachable_server_fails_the_run_before_touching_a_row(
     db: Database, settings: Settings
 ) -> None:
-    from clara_mailer.errors import TransportError
+    from clara_mailer.core.errors import TransportError
 
     add_recipients(db, 3)
     with RecordingSMTPServer() as server:

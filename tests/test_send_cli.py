@@ -13,9 +13,9 @@ from pathlib import Path
 from click.testing import Result
 from sqlalchemy import func, select
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.models import Delivery
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery
 from tests.conftest import settings_env
 from tests.send_helpers import add_recipients, start_sender
 from tests.smtp_server import RecordingSMTPServer
@@ -60,7 +60,7 @@ def test_dry_run_and_test_to(cli: Cli, db: Database, settings: Settings) -> None
         env_cli = Settings(**{**vars(settings), "smtp_url": server.url()})  # type: ignore[arg-type]
         from click.testing import CliRunner
 
-        from clara_mailer.cli import main
+        from clara_mailer.cli.commands import main
 
         result = CliRunner().invoke(
             main,

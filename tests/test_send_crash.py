@@ -8,8 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.database import Database
 from tests.send_helpers import add_recipients, check_received_once
 from tests.send_helpers import start_sender as send_process
 from tests.smtp_server import RecordingSMTPServer

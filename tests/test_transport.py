@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from clara_mailer.config import PACKAGE_ROOT, Settings
-from clara_mailer.errors import ConfigError, TransportError
-from clara_mailer.transport import (
+from clara_mailer.core.errors import ConfigError, TransportError
+from clara_mailer.core.settings import Settings
+from clara_mailer.transport.smtp import (
     MemoryTransport,
     OutboxTransport,
     Outcome,
@@ -36,6 +36,8 @@ from tests.smtp_server import (
     Faults,
     RecordingSMTPServer,
 )
+
+from .conftest import REPO_ROOT
 
 SENDER = "bounces@clara.example"
 PASSWORD = "s3cret-Pa55"
@@ -487,10 +489,10 @@ def test_subprocess_server_records_json_lines_and_stops_on_sigterm(tmp_path: Pat
     record = tmp_path / "accepted.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.smtp_server", "--port", "0", "--record", str(record)],
-        cwd=PACKAGE_ROOT,
+        cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ | {"PYTHONPATH": str(PACKAGE_ROOT)},
+        env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
     )
     try:
         assert process.stdout is not None

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from clara_mailer.config import Settings
-from clara_mailer.db import Database
-from clara_mailer.models import Base, Rsvp, Suppression
-from clara_mailer.suppressions import active_suppressions
-from clara_mailer.tokens import TokenSigner
-from clara_mailer.web import SECURITY_HEADERS, create_app, mask_address
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Base, Rsvp, Suppression
+from clara_mailer.web.app import SECURITY_HEADERS, create_app, mask_address
 from tests.conftest import settings_env
 from tests.optout_seed import ANA, JOHN, ZOE, Seeded, seed
 from tests.web_server import serve_in_thread
@@ -181,7 +181,7 @@ def test_page_flow_get_button_confirmation_undo(
 def test_undo_lifts_only_what_the_person_chose(
     client: httpx.Client, db: Database, signer: TokenSigner, seeded: Seeded
 ) -> None:
-    from clara_mailer.suppressions import suppress
+    from clara_mailer.optouts.suppressions import suppress
 
     with db.session() as s:
         suppress(s, signer, JOHN, reason="hard-bounce", scope="newsletter", source="bounces")

@@ -1,0 +1,258 @@
+"""Campaign definitions: ``templates/email/<slug>/campaign.toml`` plus its Jinja templates.
+
+A campaign folder holds ``campaign.toml`` and one ``<language>.html.j2`` per language;
+the shared layout and stylesheet live once in the templates folder itself. Loading checks
+the definition (not the templates: ``render.check_campaign`` renders every variant).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from clara_mailer.core.errors import CampaignError, NotFound
+from clara_mailer.core.settings import Settings
+
+CAMPAIGN_FILE = "campaign.toml"
+KINDS = ("newsletter", "invitation")
+# Every recipient speaks one of these (models.Recipient.language): each campaign needs both.
+LANGUAGES = ("es", "en")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+_ADDR = re.compile(r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
+_LIST_ID = re.compile(r"^[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
+
+
+@dataclass(frozen=True)
+class EventDef:
+    """The event an invitation is about (times are aware, in ``timezone``)."""
+
+    title: dict[str, str]
+    start: dt.datetime
+    end: dt.datetime
+    timezone: str
+    place: dict[str, str]
+    address: str
+    organiser: str
+    organiser_email: str
+    sequence: int
+    stamp: dt.datetime  # DTSTAMP: when this version of the event was published (UTC)
+
+
+@dataclass(frozen=True)
+class CampaignDef:
+    slug: str
+    kind: str
+    path: Path
+    languages: tuple[str, ...]
+    default_segments: tuple[str, ...]
+    sender: str  # addr-spec
+    sender_domain: str  # ASCII (IDNA) form
+    sender_name: str
+    reply_to: str
+    unsubscribe_address: str  # mailbox of the List-Unsubscribe mailto: link
+    list_id: str
+    list_name: str
+    subjects: dict[str, str] = field(hash=False)
+    preheaders: dict[str, str] = field(hash=False)
+    event: EventDef | None = None
+
+    def template_file(self, language: str) -> Path:
+        return self.path / f"{language}.html.j2"
+
+    @property
+    def toml_path(self) -> Path:
+        return self.path / CAMPAIGN_FILE
+
+
+def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> CampaignError:
+    # tomllib says "... (at line L, column C)": turn that into path:line:column.
+    text = str(exc)
+    match = re.search(r"\(at line (\d+), column (\d+)\)$", text)
+    if match:
+        reason = text[: match.start()].strip()
+        return CampaignError(f"{path}:{match.group(1)}:{match.group(2)}: {reason}")
+    return CampaignError(f"{path}: {text}")
+
+
+class _Reader:
+    """Typed access to the TOML table, with errors naming the file and the key."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
+
+    def fail(self, key: str, why: str) -> CampaignError:
+        return CampaignError(f"{self.path}: {key}: {why}")
+
+    def get(self, key: str, kind: type, default: Any = ...) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if default is ...:
+                    raise self.fail(key, "missing")
+                return default
+            node = node[part]
+        if not isinstance(node, kind):
+            raise self.fail(key, f"must be a {kind.__name__}, not {type(node).__name__}")
+        return node
+
+    def text(self, key: str, default: Any = ...) -> Any:  # str, or the default
+        value = self.get(key, str, default)
+        if isinstance(value, str) and ("\r" in value or "\n" in value):
+            raise self.fail(key, "must be one line")
+        return value
+
+    def address(self, key: str, default: Any = ...) -> str:
+        value = str(self.text(key, default))
+        if not _ADDR.match(value):
+            raise self.fail(key, f"{value!r} is not a plain ASCII address")
+        return value
+
+    def per_language(self, key: str, languages: tuple[str, ...]) -> dict[str, str]:
+        out = {}
+        for lang in languages:
+            value = self.text(f"languages.{lang}.{key}", None)
+            if value is not None:
+                out[lang] = value
+        return out
+
+
+def _read_event(r: _Reader, languages: tuple[str, ...]) -> EventDef:
+    tzname = r.text("event.timezone")
+    try:
+        tz = ZoneInfo(tzname)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.fail("event.timezone", f"unknown time zone {tzname!r}") from None
+    start = r.get("event.start", dt.datetime)
+    end = r.get("event.end", dt.datetime)
+    if start.tzinfo is not None or end.tzinfo is not None:
+        raise r.fail("event.start", "write local times without an offset; set event.timezone")
+    start, end = start.replace(tzinfo=tz), end.replace(tzinfo=tz)
+    if end <= start:
+        raise r.fail("event.end", "must be after event.start")
+    stamp = r.get("event.updated", dt.datetime)
+    stamp = stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp.astimezone(dt.UTC)
+    titles = r.per_language("event_title", languages)
+    places = r.per_language("event_place", languages)
+    for lang in languages:
+        if lang not in titles:
+            raise r.fail(f"languages.{lang}.event_title", "missing")
+        if lang not in places:
+            raise r.fail(f"languages.{lang}.event_place", "missing")
+    return EventDef(
+        title=titles,
+        start=start,
+        end=end,
+        timezone=tzname,
+        place=places,
+        address=r.text("event.address"),
+        organiser=r.text("event.organiser"),
+        organiser_email=r.address("event.organiser_email"),
+        sequence=r.get("event.sequence", int, 0),
+        stamp=stamp,
+    )
+
+
+def campaign_dir(settings: Settings, slug: str) -> Path:
+    if not _SLUG.match(slug):
+        raise NotFound(f"no campaign {slug!r}: a campaign name is lowercase letters, digits, -")
+    return Path(settings.templates_dir) / slug
+
+
+def load_campaign(settings: Settings, slug: str) -> CampaignDef:
+    """Read and validate ``templates/email/<slug>/campaign.toml``."""
+    path = campaign_dir(settings, slug)
+    toml_path = path / CAMPAIGN_FILE
+    if not toml_path.is_file():
+        known = ", ".join(_campaign_slugs(settings)) or "none"
+        raise NotFound(f"no campaign {slug!r} in {settings.templates_dir} (defined: {known})")
+    try:
+        data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(toml_path, exc) from None
+    except UnicodeDecodeError:
+        raise CampaignError(f"{toml_path}: not UTF-8 text") from None
+    r = _Reader(toml_path, data)
+
+    kind = r.text("kind")
+    if kind not in KINDS:
+        raise r.fail("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
+    langs_table = r.get("languages", dict)
+    languages = tuple(lang for lang in langs_table if isinstance(langs_table[lang], dict))
+    if not languages:
+        raise r.fail("languages", "define at least one [languages.<code>] table")
+    segments = r.get("default_segments", list, [])
+    if not all(isinstance(s, str) and s for s in segments):
+        raise r.fail("default_segments", "must be a list of segment names")
+    sender = r.address("sender.address")
+    subjects = r.per_language("subject", languages)
+    preheaders = r.per_language("preheader", languages)
+    event = _read_event(r, languages) if kind == "invitation" else None
+    domain = sender.rpartition("@")[2].lower()
+    list_id = r.text("list_id", f"{kind}.{domain}")
+    if not _LIST_ID.match(list_id):
+        raise r.fail("list_id", f"{list_id!r} is not a list id such as newsletter.clara.example")
+    return CampaignDef(
+        slug=slug,
+        kind=kind,
+        path=path,
+        languages=languages,
+        default_segments=tuple(segments),
+        sender=sender,
+        sender_domain=domain,
+        sender_name=r.text("sender.name", ""),
+        reply_to=r.address("sender.reply_to", sender),
+        unsubscribe_address=r.address("sender.unsubscribe", f"unsubscribe@{domain}"),
+        list_id=list_id,
+        list_name=r.text("list_name", f"CLARA {kind}"),
+        subjects=subjects,
+        preheaders=preheaders,
+        event=event,
+    )
+
+
+def _campaign_slugs(settings: Settings) -> list[str]:
+    root = Path(settings.templates_dir)
+    if not root.is_dir():
+        return []
+    return [
+        d.name
+        for d in sorted(root.iterdir())
+        if d.is_dir() and (d / CAMPAIGN_FILE).is_file() and _SLUG.match(d.name)
+    ]
+
+
+def list_campaigns(settings: Settings) -> list[CampaignDef]:
+    """Every campaign defined in the templates folder, by slug."""
+    return [load_campaign(settings, slug) for slug in _campaign_slugs(settings)]
+
+
+def campaign_rows(settings: Settings) -> list[dict[str, Any]]:
+    """What ``clara-mail campaigns`` lists: one dict per campaign (extendable with figures)."""
+    return [
+        {
+            "slug": d.slug,
+            "kind": d.kind,
+            "languages": ", ".join(d.languages),
+            "default_segments": ", ".join(d.default_segments),
+            "subject": d.subjects.get(d.languages[0], ""),
+        }
+        for d in list_campaigns(settings)
+    ]
+
+
+def template_hash(defn: CampaignDef) -> str:
+    """sha256 over the campaign's files and the shared files (layout, stylesheet)."""
+    digest = hashlib.sha256()
+    shared = [p for p in sorted(defn.path.parent.iterdir()) if p.is_file()]
+    own = [p for p in sorted(defn.path.rglob("*")) if p.is_file()]
+    for p in shared + own:
+        digest.update(p.relative_to(defn.path.parent).as_posix().encode() + b"\0")
+        data = p.read_bytes()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()

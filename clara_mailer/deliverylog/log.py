@@ -1,0 +1,498 @@
+"""The delivery log: every SQL statement of the delivery state machine.
+
+::
+
+    queued ──claim──> (queued, leased) ──mark_sending──> sending ──2xx──> sent
+       ^                                                   │ 4xx / lost ─> deferred ─(due)─> claimable
+       │                                                   │ 5xx ───────> failed
+       │                                                   └ lease expired, outcome unknown ─> unknown
+     plan: suppressed ──> skipped
+
+A claim only leases rows (worker id + lease); a row becomes ``sending`` in a committed
+transaction *before* its message is handed to the transport, so after a crash a
+``sending`` row with an expired lease is exactly "maybe sent" (-> ``unknown``), and a
+leased row still ``queued`` or ``deferred`` was never touched: it is simply claimable
+again once the lease expires. The sender (send.py) calls this through ``DeliveryLog``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import (
+    Campaign,
+    Delivery,
+    Recipient,
+    Segment,
+    Status,
+    recipient_segments,
+    utcnow,
+)
+
+PLAN_CHUNK = 2000
+# States an outcome may overwrite (a row turned unknown by an expired lease included).
+_WRITABLE = (Status.SENDING, Status.UNKNOWN, Status.QUEUED, Status.DEFERRED)
+
+
+def new_worker_id() -> str:
+    """host:pid:random — the pid lets a restarted sender on the same host tell a dead
+    worker's leases from a live one's."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    """What the sender needs to render and send one message."""
+
+    id: int
+    recipient_id: int | None
+    email: str | None
+    name: str
+    organisation: str
+    language: str
+    segment: str
+    status: str
+    attempts: int
+    first_attempt_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One result to write back: a final or deferred state for a row in ``sending``."""
+
+    delivery_id: int
+    status: str
+    code: int | None
+    reply: str
+    at: dt.datetime
+    next_attempt_at: dt.datetime | None = None
+    counts_attempt: bool = True
+
+
+@dataclass
+class PlanCounts:
+    added: int = 0
+    skipped: int = 0
+
+
+_MARK_SENDING = (
+    update(Delivery)
+    .where(Delivery.id == bindparam("b_id"))
+    .values(
+        status=Status.SENDING.value,
+        message_id=bindparam("b_mid"),
+        last_attempt_at=bindparam("b_now"),
+    )
+)
+
+_RECORD = (
+    update(Delivery)
+    .where(
+        Delivery.id == bindparam("b_id"),
+        # Plain comparisons: executemany cannot expand IN lists.
+        or_(*(Delivery.status == st.value for st in _WRITABLE)),
+    )
+    .values(
+        status=bindparam("b_status"),
+        smtp_code=bindparam("b_code"),
+        smtp_reply=bindparam("b_reply"),
+        attempts=Delivery.attempts + bindparam("b_inc"),
+        next_attempt_at=bindparam("b_next"),
+        last_attempt_at=bindparam("b_at"),
+        first_attempt_at=case(
+            (bindparam("b_inc") == 1, func.coalesce(Delivery.first_attempt_at, bindparam("b_at"))),
+            else_=Delivery.first_attempt_at,
+        ),
+        sent_at=func.coalesce(bindparam("b_sent"), Delivery.sent_at),
+        worker_id=None,
+        lease_expires_at=None,
+    )
+)
+
+
+class DeliveryLog:
+    """The delivery rows of one campaign, seen by one worker."""
+
+    def __init__(self, db: Database, campaign_id: int, worker_id: str | None = None) -> None:
+        self.db = db
+        self.campaign_id = campaign_id
+        self.worker_id = worker_id or new_worker_id()
+        self._pg = db.dialect == "postgresql"
+
+    # -- plan ---------------------------------------------------------------------------
+
+    def plan(
+        self, segment_ids: Sequence[tuple[int, str]], signer: TokenSigner, kind: str
+    ) -> PlanCounts:
+        """Create a delivery row for every member of the segments that has none yet.
+
+        Segments are taken in the order given, so a recipient in several segments is
+        planned once, under the first. Suppressed addresses become ``skipped``. Runs in
+        chunks, each its own transaction: planning is idempotent (ON CONFLICT DO NOTHING),
+        so an interrupted plan is simply resumed, and several workers may plan at once.
+        """
+        counts = PlanCounts()
+        for segment_id, slug in segment_ids:
+            after = 0
+            while True:
+                with self.db.session() as s:
+                    members = s.execute(
+                        select(Recipient.id, Recipient.email, Recipient.language)
+                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+                        .outerjoin(
+                            Delivery,
+                            and_(
+                                Delivery.campaign_id == self.campaign_id,
+                                Delivery.recipient_id == Recipient.id,
+                            ),
+                        )
+                        .where(
+                            recipient_segments.c.segment_id == segment_id,
+                            Recipient.id > after,
+                            Delivery.id.is_(None),
+                        )
+                        .order_by(Recipient.id)
+                        .limit(PLAN_CHUNK)
+                    ).all()
+                    if not members:
+                        break
+                    after = members[-1].id
+                    hashes = {m.id: signer.address_hash(m.email) for m in members}
+                    suppressed = active_suppressions(s, hashes.values(), kind)
+                    now = utcnow()
+                    rows = []
+                    for m in members:
+                        reason = suppressed.get(hashes[m.id])
+                        rows.append(
+                            {
+                                "campaign_id": self.campaign_id,
+                                "recipient_id": m.id,
+                                "email": m.email,
+                                "segment": slug,
+                                "language": m.language,
+                                "status": Status.SKIPPED if reason else Status.QUEUED,
+                                "smtp_reply": f"suppressed: {reason}" if reason else None,
+                                "attempts": 0,
+                                "created_at": now,
+                            }
+                        )
+                        if reason:
+                            counts.skipped += 1
+                        else:
+                            counts.added += 1
+                    insert_fn = pg_insert if self._pg else sqlite_insert
+                    s.execute(
+                        insert_fn(Delivery).on_conflict_do_nothing(
+                            index_elements=["campaign_id", "recipient_id"]
+                        ),
+                        rows,
+                    )
+        return counts
+
+    def requeue_unknown(self) -> int:
+        """``--resend-unknown``: put rows whose outcome is unknown back in the queue."""
+        with self.db.session() as s:
+            result = s.connection().execute(
+                update(Delivery)
+                .where(Delivery.campaign_id == self.campaign_id, Delivery.status == Status.UNKNOWN)
+                .values(status=Status.QUEUED, worker_id=None, lease_expires_at=None)
+            )
+            return result.rowcount or 0
+
+    # -- leases -------------------------------------------------------------------------
+
+    def expire_leases(self) -> int:
+        """Rows left ``sending`` by a worker whose lease expired (or whose process on this
+        host is gone) become ``unknown``; its untouched claims become claimable again.
+        Returns how many rows changed."""
+        now = utcnow()
+        with self.db.session() as s:
+            dead = [w for w in self._local_workers(s) if not _pid_alive(int(w.split(":")[1]))]
+            conditions = [Delivery.lease_expires_at < now]
+            if dead:
+                conditions.append(Delivery.worker_id.in_(dead))
+            result = s.connection().execute(
+                update(Delivery)
+                .where(
+                    Delivery.campaign_id == self.campaign_id,
+                    Delivery.status == Status.SENDING,
+                    or_(*conditions),
+                )
+                .values(
+                    status=Status.UNKNOWN,
+                    worker_id=None,
+                    lease_expires_at=None,
+                    smtp_reply="outcome unknown: the sender stopped while this message was in flight",
+                )
+                .execution_options(synchronize_session=False)
+            )
+            released = 0
+            if dead:
+                released = (
+                    s.connection()
+                    .execute(
+                        update(Delivery)
+                        .where(
+                            Delivery.campaign_id == self.campaign_id,
+                            Delivery.worker_id.in_(dead),
+                            Delivery.status.in_((Status.QUEUED, Status.DEFERRED)),
+                        )
+                        .values(worker_id=None, lease_expires_at=None)
+                        .execution_options(synchronize_session=False)
+                    )
+                    .rowcount
+                )
+            return (result.rowcount or 0) + (released or 0)
+
+    def _local_workers(self, s: Session) -> list[str]:
+        prefix = socket.gethostname()[:30] + ":"
+        workers = s.scalars(
+            select(Delivery.worker_id)
+            .where(
+                Delivery.campaign_id == self.campaign_id,
+                Delivery.worker_id.is_not(None),
+                Delivery.worker_id != self.worker_id,
+                Delivery.status.in_((Status.SENDING, Status.QUEUED, Status.DEFERRED)),
+            )
+            .distinct()
+        ).all()
+        return [w for w in workers if w and w.startswith(prefix) and w.count(":") == 2]
+
+    def renew(self, lease_seconds: int) -> None:
+        with self.db.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(
+                    Delivery.campaign_id == self.campaign_id,
+                    Delivery.worker_id == self.worker_id,
+                    Delivery.status.in_((Status.QUEUED, Status.DEFERRED, Status.SENDING)),
+                )
+                .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
+            )
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Give back claimed rows this worker did not touch (Ctrl-C, --limit)."""
+        id_list = list(ids)
+        with self.db.session() as s:
+            for chunk in _chunks(id_list, 500):
+                s.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id.in_(chunk),
+                        Delivery.worker_id == self.worker_id,
+                        Delivery.status.in_((Status.QUEUED, Status.DEFERRED)),
+                    )
+                    .values(worker_id=None, lease_expires_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+
+    # -- claim --------------------------------------------------------------------------
+
+    def claim_queries(self, now: dt.datetime, limit: int) -> list[Select[int]]:
+        """The two index range scans a claim makes: queued rows, then deferred rows due."""
+        free = or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
+        queries = []
+        for condition in (
+            Delivery.status == Status.QUEUED,
+            and_(Delivery.status == Status.DEFERRED, Delivery.next_attempt_at <= now),
+        ):
+            query = (
+                select(Delivery.id)
+                .where(Delivery.campaign_id == self.campaign_id, condition, free)
+                .limit(limit)
+            )
+            if self._pg:
+                query = query.with_for_update(skip_locked=True)
+            queries.append(query)
+        return queries
+
+    def claim(self, limit: int, lease_seconds: int) -> list[ClaimedRow]:
+        """Lease up to ``limit`` due rows to this worker (SKIP LOCKED on PostgreSQL)."""
+        now = utcnow()
+        lease = now + dt.timedelta(seconds=lease_seconds)
+        with self.db.session() as s:
+            ids: list[int] = []
+            for query in self.claim_queries(now, limit):
+                if len(ids) >= limit:
+                    break
+                ids.extend(s.scalars(query.limit(limit - len(ids))).all())
+            if not ids:
+                return []
+            s.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids))
+                .values(worker_id=self.worker_id, lease_expires_at=lease)
+                .execution_options(synchronize_session=False)
+            )
+            rows = s.execute(
+                select(
+                    Delivery.id,
+                    Delivery.recipient_id,
+                    Recipient.email,
+                    Recipient.name,
+                    Recipient.organisation,
+                    Delivery.language,
+                    Delivery.segment,
+                    Delivery.status,
+                    Delivery.attempts,
+                    Delivery.first_attempt_at,
+                )
+                .outerjoin(Recipient, Recipient.id == Delivery.recipient_id)
+                .where(Delivery.id.in_(ids))
+                .order_by(Delivery.id)
+            ).all()
+        return [
+            ClaimedRow(
+                id=r.id,
+                recipient_id=r.recipient_id,
+                email=r.email,
+                name=r.name or "",
+                organisation=r.organisation or "",
+                language=r.language,
+                segment=r.segment,
+                status=r.status,
+                attempts=r.attempts,
+                first_attempt_at=r.first_attempt_at,
+            )
+            for r in rows
+        ]
+
+    def reserve_rate_window(self, count: int, rate: float) -> dt.datetime:
+        """Campaign-wide rate limit shared by all workers: reserve a window for ``count``
+        messages in the campaign row (locked) and return when this worker may start."""
+        now = utcnow()
+        with self.db.session() as s:
+            query = select(Campaign).where(Campaign.id == self.campaign_id)
+            if self._pg:
+                query = query.with_for_update()
+            campaign = s.scalars(query).one()
+            start = max(now, campaign.rate_cursor or now)
+            campaign.rate_cursor = start + dt.timedelta(seconds=count / rate)
+            return start
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def mark_sending(self, entries: Sequence[tuple[int, str, str]], kind: str) -> dict[str, str]:
+        """Commit ``sending`` for rows about to be handed to the transport.
+
+        ``entries`` are (delivery id, Message-ID, address hash). Opt-outs are checked again
+        in the same transaction, just before the messages go out: rows whose address is
+        suppressed by now are left alone and returned (hash -> reason).
+        """
+        if not entries:
+            return {}
+        now = utcnow()
+        # Core, not an ORM session: this runs for every group of messages, and the
+        # session's bookkeeping cost more than the statement.
+        with self.db.engine.begin() as conn:
+            suppressed = active_suppressions(conn, (h for _, _, h in entries), kind)
+            params = [
+                {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
+            ]
+            if params:
+                conn.execute(_MARK_SENDING, params)
+        return suppressed
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Write back a batch of results in one transaction."""
+        if not outcomes:
+            return
+        params = [
+            {
+                "b_id": o.delivery_id,
+                "b_status": o.status,
+                "b_code": o.code,
+                "b_reply": o.reply[:2000],
+                "b_at": o.at,
+                "b_next": o.next_attempt_at,
+                "b_inc": 1 if o.counts_attempt else 0,
+                "b_sent": o.at if o.status == Status.SENT else None,
+            }
+            for o in outcomes
+        ]
+        with self.db.engine.begin() as conn:
+            conn.execute(_RECORD, params)
+
+    # -- figures ------------------------------------------------------------------------
+
+    def status_counts(self, segments: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+        """segment -> status -> count for this campaign."""
+        query = (
+            select(Delivery.segment, Delivery.status, func.count())
+            .where(Delivery.campaign_id == self.campaign_id)
+            .group_by(Delivery.segment, Delivery.status)
+        )
+        if segments:
+            query = query.where(Delivery.segment.in_(segments))
+        out: dict[str, dict[str, int]] = {}
+        with self.db.session() as s:
+            for segment, status, count in s.execute(query):
+                out.setdefault(segment, {})[status] = count
+        return out
+
+    def next_due(self) -> dt.datetime | None:
+        with self.db.session() as s:
+            return s.scalar(
+                select(func.min(Delivery.next_attempt_at)).where(
+                    Delivery.campaign_id == self.campaign_id, Delivery.status == Status.DEFERRED
+                )
+            )
+
+
+def segment_ids(s: Session, slugs: Sequence[str]) -> list[tuple[int, str]]:
+    found = dict(s.execute(select(Segment.slug, Segment.id).where(Segment.slug.in_(slugs))).all())
+    return [(found[slug], slug) for slug in slugs if slug in found]
+
+
+def add_campaign_row(s: Session, slug: str, kind: str) -> Campaign:
+    campaign = s.scalars(select(Campaign).where(Campaign.slug == slug)).first()
+    if campaign is None:
+        insert_fn = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+        s.execute(
+            insert_fn(Campaign)
+            .values(slug=slug, kind=kind, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["slug"])
+        )
+        campaign = s.scalars(select(Campaign).where(Campaign.slug == slug)).one()
+    return campaign
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+__all__ = ["ClaimedRow", "DeliveryLog", "Outcome", "PlanCounts", "new_worker_id"]

@@ -1,0 +1,224 @@
+"""Suppressions: opt-outs, hard bounces, complaints and erasures, by keyed address hash.
+
+Checked when a send is planned, again just before each message, and by import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, func, or_, select
+from sqlalchemy.orm import Session
+
+from clara_mailer.core.errors import InputError, NotFound
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.store.models import Campaign, Suppression, utcnow
+
+SCOPES = ("all", "newsletter", "invitation")
+REASONS = (
+    "unsubscribe",
+    "one-click",
+    "manual",
+    "hard-bounce",
+    "soft-bounces",
+    "complaint",
+    "erased",
+)
+
+
+def active_suppressions(
+    session: Session | Connection, hashes: Iterable[str], kind: str | None = None
+) -> dict[str, str]:
+    """address_hash -> reason for each hash suppressed for ``kind`` (None: any scope)."""
+    wanted = list(set(hashes))
+    found: dict[str, str] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        query = select(Suppression.address_hash, Suppression.reason).where(
+            Suppression.address_hash.in_(chunk), Suppression.lifted_at.is_(None)
+        )
+        if kind is not None:
+            query = query.where(or_(Suppression.scope == "all", Suppression.scope == kind))
+        for address_hash, reason in session.execute(query):
+            found.setdefault(address_hash, reason)
+    return found
+
+
+def suppress(
+    session: Session,
+    signer: TokenSigner,
+    address: str,
+    *,
+    reason: str,
+    scope: str = "all",
+    source: str = "",
+    campaign_id: int | None = None,
+    note: str = "",
+) -> Suppression:
+    """Record a suppression unless an active one with the same scope exists already."""
+    return suppress_hash(
+        session,
+        signer.address_hash(address),
+        reason=reason,
+        scope=scope,
+        source=source,
+        campaign_id=campaign_id,
+        note=note,
+    )
+
+
+def suppress_hash(
+    session: Session,
+    address_hash: str,
+    *,
+    reason: str,
+    scope: str = "all",
+    source: str = "",
+    campaign_id: int | None = None,
+    note: str = "",
+) -> Suppression:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+    existing = session.scalars(
+        select(Suppression).where(
+            Suppression.address_hash == address_hash,
+            Suppression.scope == scope,
+            Suppression.lifted_at.is_(None),
+        )
+    ).first()
+    if existing is not None:
+        return existing
+    row = Suppression(
+        address_hash=address_hash,
+        scope=scope,
+        reason=reason,
+        source=source,
+        campaign_id=campaign_id,
+        note=note,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+# --- managing suppressions (clara-mail optout, the unsubscribe page, erasure) -----------
+
+# Reasons a person chose themselves from a message: what "undo" on the page may lift.
+SELF_SERVICE_REASONS = ("unsubscribe", "one-click")
+
+
+def add(
+    session: Session,
+    signer: TokenSigner,
+    address: str,
+    *,
+    reason: str = "manual",
+    scope: str = "all",
+    source: str = "cli",
+    note: str = "",
+) -> tuple[Suppression, bool]:
+    """Suppress ``address``; returns the row and whether it is new (False: already there)."""
+    if scope not in SCOPES:
+        raise InputError(f"unknown scope {scope!r} (one of: {', '.join(SCOPES)})")
+    if not address.strip() or "@" not in address:
+        raise InputError(f"not an email address: {address!r}")
+    before = session.scalar(
+        select(func.count())
+        .select_from(Suppression)
+        .where(
+            Suppression.address_hash == signer.address_hash(address),
+            Suppression.scope == scope,
+            Suppression.lifted_at.is_(None),
+        )
+    )
+    row = suppress(session, signer, address, reason=reason, scope=scope, source=source, note=note)
+    return row, not before
+
+
+def list_suppressions(session: Session, *, include_lifted: bool = True) -> list[dict[str, Any]]:
+    """Every suppression, oldest first, as plain rows (no address: only its keyed hash)."""
+    query = (
+        select(Suppression, Campaign.slug)
+        .outerjoin(Campaign, Campaign.id == Suppression.campaign_id)
+        .order_by(Suppression.created_at, Suppression.id)
+    )
+    if not include_lifted:
+        query = query.where(Suppression.lifted_at.is_(None))
+    return [
+        {
+            "address_hash": row.address_hash,
+            "scope": row.scope,
+            "reason": row.reason,
+            "source": row.source,
+            "note": row.note,
+            "campaign": slug,
+            "created_at": row.created_at.isoformat(timespec="seconds"),
+            "lifted_at": row.lifted_at.isoformat(timespec="seconds") if row.lifted_at else None,
+            "lifted_note": row.lifted_note,
+        }
+        for row, slug in session.execute(query)
+    ]
+
+
+def lift_hash(
+    session: Session,
+    address_hash: str,
+    *,
+    note: str,
+    reasons: Iterable[str] | None = None,
+    campaign_id: int | None = None,
+) -> list[Suppression]:
+    """Lift the active suppressions of one hash (optionally only some reasons or one campaign).
+
+    The rows stay, with ``lifted_at`` and ``lifted_note``: an opt-out's history is kept.
+    """
+    query = select(Suppression).where(
+        Suppression.address_hash == address_hash, Suppression.lifted_at.is_(None)
+    )
+    if reasons is not None:
+        query = query.where(Suppression.reason.in_(list(reasons)))
+    if campaign_id is not None:
+        query = query.where(Suppression.campaign_id == campaign_id)
+    rows = list(session.scalars(query.order_by(Suppression.id)))
+    now = utcnow()
+    for row in rows:
+        row.lifted_at = now
+        row.lifted_note = note
+    session.flush()
+    return rows
+
+
+def lift(
+    session: Session, signer: TokenSigner, address: str, *, note: str = "lifted by clara-mail"
+) -> list[Suppression]:
+    """Lift every active suppression of ``address``; NotFound when there is none."""
+    rows = lift_hash(session, signer.address_hash(address), note=note)
+    if not rows:
+        raise NotFound(f"no active suppression for {address}")
+    return rows
+
+
+def record_erasure(session: Session, address_hash: str, *, source: str = "erase") -> Suppression:
+    """Make sure an active ``erased`` suppression exists for the hash (whatever else does)."""
+    existing = session.scalars(
+        select(Suppression).where(
+            Suppression.address_hash == address_hash,
+            Suppression.reason == "erased",
+            Suppression.lifted_at.is_(None),
+        )
+    ).first()
+    if existing is not None:
+        return existing
+    row = Suppression(
+        address_hash=address_hash,
+        scope="all",
+        reason="erased",
+        source=source,
+        note="",
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row

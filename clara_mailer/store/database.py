@@ -1,0 +1,168 @@
+"""Engine, sessions and schema upgrades (Alembic, from ``migrations/``).
+
+``open_database`` is the one way in: it creates and upgrades a new database, and
+refuses, naming ``clara-mail db upgrade``, one that is behind the newest migration.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from clara_mailer.core.errors import DatabaseError, SchemaOutdated
+from clara_mailer.core.resources import MIGRATIONS
+from clara_mailer.core.settings import Settings
+from clara_mailer.store.models import Meta
+
+MIGRATIONS_DIR = MIGRATIONS
+#: The newest migration. Every command checks the database against it, so it is a
+#: constant rather than asked of Alembic, whose import costs ~0.15 s and ~18 MB; a test
+#: keeps it equal to the head of migrations/.
+SCHEMA_HEAD = "0001"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event (below) start transactions instead of the driver.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (report, web) work while a send writes; busy_timeout makes
+    # writers wait for each other instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # Take the write lock when a transaction starts: a deferred transaction that reads and
+    # then writes fails at once with SQLITE_BUSY under WAL when another process wrote in
+    # between, instead of waiting for busy_timeout. Several senders share one file safely.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_db_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"database URL is not valid: {url!r}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    try:
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    except ModuleNotFoundError as exc:
+        raise DatabaseError(
+            f"the driver for {parsed.drivername} is not installed ({exc.name}); "
+            "for PostgreSQL: pip install 'clara-mail[postgres]'"
+        ) from None
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+class Database:
+    """An engine, its session factory, and the schema's migration state."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_db_engine(url)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self.sessionmaker() as session, session.begin():
+            yield session
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            revision: str | None = conn.scalar(text("SELECT version_num FROM alembic_version"))
+            return revision
+
+    def head_revision(self) -> str | None:
+        """The head of migrations/ as Alembic sees it (imports Alembic)."""
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(alembic_config(self.engine)).get_current_head()
+
+    def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
+
+        command.upgrade(alembic_config(self.engine), revision)
+
+    def is_empty(self) -> bool:
+        return not inspect(self.engine).get_table_names()
+
+    def ensure_current(self) -> None:
+        try:
+            current = self.current_revision()
+            if current is None and self.is_empty():
+                self.upgrade()
+                return
+        except OperationalError as exc:
+            reason = " ".join(str(exc.orig).split())  # one line, whatever the driver says
+            raise DatabaseError(f"cannot open the database {self.safe_url}: {reason}") from None
+        if current != SCHEMA_HEAD:
+            raise SchemaOutdated(
+                f"the database {self.safe_url} is at schema {current or 'none'}, "
+                f"not the newest ({SCHEMA_HEAD}): run `clara-mail db upgrade`"
+            )
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def secret_key(self, settings: Settings) -> str:
+        """The configured secret, else one generated once and kept in the database."""
+        if settings.secret_key:
+            return settings.secret_key
+        with self.session() as s:
+            row = s.get(Meta, "secret_key")
+            if row is not None:
+                return row.value
+        try:
+            with self.session() as s:
+                s.add(Meta(key="secret_key", value=secrets.token_urlsafe(32)))
+        except IntegrityError:
+            pass  # another process generated it first: use theirs
+        with self.session() as s:
+            return s.scalars(select(Meta.value).where(Meta.key == "secret_key")).one()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(settings: Settings, *, check: bool = True) -> Database:
+    db = Database(settings.database_url)
+    if check:
+        try:
+            db.ensure_current()
+        except BaseException:
+            db.dispose()
+            raise
+    return db
