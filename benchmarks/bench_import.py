@@ -5,9 +5,9 @@ accents, 2,000 domains, 1% case-variant duplicates, a segment column) in a tempo
 directory, runs ``clara-mail import`` on each in a fresh process into a fresh database,
 and prints rows/s and the child's peak RSS. Flat memory shows as the same MB for both.
 
-    /work/venv/bin/python benchmarks/bench_import.py                  # SQLite
-    /work/venv/bin/python benchmarks/bench_import.py --postgres postgresql+psycopg://postgres@127.0.0.1:55432/postgres
-    /work/venv/bin/python benchmarks/bench_import.py --rows 100000    # one size only
+    .venv/bin/python benchmarks/bench_import.py                  # SQLite
+    .venv/bin/python benchmarks/bench_import.py --postgres postgresql+psycopg://postgres@127.0.0.1:55432/postgres
+    .venv/bin/python benchmarks/bench_import.py --rows 100000    # one size only
 """
 
 from __future__ import annotations

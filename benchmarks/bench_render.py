@@ -1,6 +1,6 @@
 """Per-recipient cost of rendering both campaigns: fast path vs EmailMessage reference.
 
-Run: /work/venv/bin/python benchmarks/bench_render.py [--recipients 20000] [--reference 200]
+Run: .venv/bin/python benchmarks/bench_render.py [--recipients 20000] [--reference 200]
 """
 
 from __future__ import annotations

@@ -32,13 +32,9 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_report_data import CAMPAIGN, fill
+from clara_mailer.cli.report_view import show_report
 from clara_mailer.core.settings import Settings
-from clara_mailer.reporting.report import (
-    ReportOptions,
-    build_report,
-    campaign_overview,
-    write_report,
-)
+from clara_mailer.reporting.report import build_report, campaign_overview
 from clara_mailer.store.database import open_database
 
 
@@ -66,30 +62,24 @@ def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 def run(url: str, repeat: int) -> None:
     settings = Settings(database_url=url, secret_key="bench-secret-0123456789abcdef")
     db = open_database(settings)
-    quiet = Console(file=_Sink(), width=120)
-    real_stdout = sys.stdout
 
-    def to_sink(options: ReportOptions) -> Callable[[], object]:
+    def to_sink(
+        fmt: str, segment: str | None = None, status: str | None = None, sink: _Sink | None = None
+    ) -> Callable[[], object]:
         def go() -> None:
-            sys.stdout = _Sink()
-            try:
-                write_report(db, CAMPAIGN, options, quiet)
-            finally:
-                sys.stdout = real_stdout
+            out = Console(file=sink or _Sink(), width=120)
+            show_report(db, CAMPAIGN, fmt, segment, status, None, out)
 
         return go
 
     cases: list[tuple[str, Callable[[], object]]] = [
         ("figures (build_report)", lambda: build_report(db, CAMPAIGN)),
-        ("report --format json", to_sink(ReportOptions(fmt="json"))),
-        ("report (table summary)", to_sink(ReportOptions(fmt="table"))),
-        ("report --format html", to_sink(ReportOptions(fmt="html"))),
-        (
-            "report --segment local-police --format json",
-            to_sink(ReportOptions("json", "local-police")),
-        ),
+        ("report --format json", to_sink("json")),
+        ("report (table summary)", to_sink("table")),
+        ("report --format html", to_sink("html")),
+        ("report --segment local-police --format json", to_sink("json", "local-police")),
         ("campaigns overview", lambda: campaign_overview(db, settings)),
-        ("report --status failed --format csv", to_sink(ReportOptions("csv", status="failed"))),
+        ("report --status failed --format csv", to_sink("csv", status="failed")),
     ]
     try:
         for name, fn in cases:
@@ -98,14 +88,10 @@ def run(url: str, repeat: int) -> None:
         # The whole export, timed alone; then again under tracemalloc for its peak memory.
         sink = _Sink()
         started = time.perf_counter()
-        sys.stdout = sink
-        try:
-            write_report(db, CAMPAIGN, ReportOptions(fmt="csv"), quiet)
-        finally:
-            sys.stdout = real_stdout
+        to_sink("csv", sink=sink)()
         seconds = time.perf_counter() - started
         tracemalloc.start()
-        to_sink(ReportOptions(fmt="csv"))()
+        to_sink("csv")()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         print(

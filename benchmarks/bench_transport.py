@@ -113,7 +113,8 @@ async def with_aiosmtplib(port: int, message: bytes, count: int, connections: in
 
 
 async def with_clara(port: int, message: bytes, count: int, connections: int) -> None:
-    from clara_mailer.transport.smtp import Outcome, SMTPTransport
+    from clara_mailer.core.vocabulary import Outcome
+    from clara_mailer.transport import SMTPTransport
 
     transport = SMTPTransport.from_url(
         f"smtp://127.0.0.1:{port}?tls=none&ehlo=bench.example", reconnect_after=10**9

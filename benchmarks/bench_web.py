@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
+from clara_mailer.mailer import Mailer
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clara_mailer.core.settings import Settings
@@ -53,7 +55,7 @@ def main() -> None:
         s.flush()
         tokens = [signer.sign("u", campaign.id, person.id) for person in people]
 
-    with serve_in_thread(create_app(settings)) as base, httpx.Client(base_url=base) as http:
+    with serve_in_thread(create_app(Mailer(settings))) as base, httpx.Client(base_url=base) as http:
         kinds = {
             "get-page": lambda token: http.get(f"/u/{token}"),
             "one-click": lambda token: http.post(

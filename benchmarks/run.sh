@@ -12,11 +12,20 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
+# The interpreter: $CLARA_BENCH_PYTHON, else the checkout's .venv (beside this folder),
+# else the active virtual environment, else python3 on PATH.
 python="${CLARA_BENCH_PYTHON:-}"
 if [[ -z "$python" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
-    elif [[ -x /work/venv/bin/python ]]; then python=/work/venv/bin/python
-    else python="$(command -v python3)"; fi
+    elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+        python="$VIRTUAL_ENV/bin/python"
+    else python="$(command -v python3 || true)"; fi
+fi
+if [[ -z "$python" ]] || ! "$python" -c 'import clara_mailer' 2>/dev/null; then
+    echo "error: no Python with clara-mail installed (${python:-python3 not found});" \
+        "run: python3 -m venv $repo/.venv && $repo/.venv/bin/pip install -e '$repo[test]'," \
+        "or set CLARA_BENCH_PYTHON" >&2
+    exit 2
 fi
 
 apt_install() {

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from clara_mailer.core.vocabulary import Status
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Status, Suppression
+from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Suppression
 
 SAMPLES = Path(__file__).parent / "bounce_samples"
 

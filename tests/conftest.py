@@ -98,7 +98,7 @@ def cli(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., Result]:
     """Run ``clara-mail ARGS`` in-process with click's CliRunner, in tmp_path."""
-    from clara_mailer.cli.commands import main
+    from clara_mailer.cli import main
 
     monkeypatch.chdir(tmp_path)
     env = settings_env(settings)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from clara_mailer.bounces.dsn import import_bounces
 from clara_mailer.bounces.mailboxes import BounceSource
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.optouts import suppressions
-from clara_mailer.sending.worker import SendOptions, prepare_send, run_send
+from clara_mailer.plan.plan import SendOptions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Delivery, Recipient, Rsvp
 from tests.send_helpers import add_recipients
@@ -71,8 +71,8 @@ def smtp_settings(settings: Settings, server: RecordingSMTPServer) -> Settings:
 
 def send(db: Database, settings: Settings, slug: str, segments: tuple[str, ...]) -> None:
     options = SendOptions(segments=segments, concurrency=2)
-    plan = prepare_send(db, settings, slug, options)
-    run_send(db, settings, plan, options, handle_signals=False)
+    plan = Mailer(settings, database=db).plan(slug, options)
+    Mailer(settings, database=db).send(plan, options, handle_signals=False)
 
 
 def dsn(message_id: str, address: str, status: str, diagnostic: str) -> bytes:
@@ -154,7 +154,9 @@ def build_newsletter_log(db: Database, settings: Settings, tmp_path: Path) -> Bu
         box.add(raw)
     box.flush()
     box.close()
-    import_bounces(db, settings, BounceSource("mbox", str(tmp_path / "bounces.mbox")))
+    Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(tmp_path / "bounces.mbox"))
+    )
 
     # Two people unsubscribe through the message's link (as web.py records it); one of
     # them undoes it. A third opted out by hand, with no campaign: not this campaign's.

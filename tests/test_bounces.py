@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from clara_mailer.bounces.dsn import classify, import_bounces, normalise_status, parse_message
 from clara_mailer.bounces.mailboxes import BounceSource
+from clara_mailer.bounces.parse import bounce_kind, normalise_status, parse_bounce
 from clara_mailer.core.errors import BounceError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Bounce, Delivery, Suppression
 from tests.bounces_helpers import (
@@ -43,14 +44,14 @@ from tests.bounces_helpers import (
         ("5.7.1", "failed", "policy"),
         ("5.7.26", "failed", "policy"),
         ("4.4.1", "delayed", "delayed"),
-        ("2.0.0", "delivered", "none"),
+        ("2.0.0", "delivered", None),
         ("5.0.0", "failed", "soft"),
         ("", "failed", "soft"),
         ("5.1.1 (bad destination mailbox address)", "Failed", "hard"),
     ],
 )
-def test_classify(status: str, action: str, kind: str) -> None:
-    assert classify(status, action) == kind
+def test_bounce_kind(status: str, action: str, kind: str | None) -> None:
+    assert bounce_kind(status, action) == kind
 
 
 def test_normalise_status_reads_codes_inside_text() -> None:
@@ -101,7 +102,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_parse_real_mta_formats(name: str) -> None:
     address, action, status, kind, original_id = EXPECTED[name]
-    parsed = parse_message(sample(name))
+    parsed = parse_bounce(sample(name))
     assert parsed.category == "bounce"
     assert [(e.address, e.action, e.status, e.kind) for e in parsed.events] == [
         (address, action, status, kind)
@@ -116,7 +117,7 @@ def test_every_sample_is_covered() -> None:
 
 
 def test_out_of_office_is_not_a_bounce() -> None:
-    parsed = parse_message(sample("out-of-office-es.eml"))
+    parsed = parse_bounce(sample("out-of-office-es.eml"))
     assert parsed.category == "auto-reply"
     assert parsed.events == []
 
@@ -137,7 +138,7 @@ def test_auto_reply_signals(headers: str) -> None:
         "From: someone@pamplona.example\nTo: bounces@clara.example\n"
         f"Message-ID: <a1@pamplona.example>\n{headers}\nI am away until Monday.\n"
     )
-    assert parse_message(raw.encode()).category == "auto-reply"
+    assert parse_bounce(raw.encode()).category == "auto-reply"
 
 
 def test_a_plain_reply_is_neither_bounce_nor_auto_reply() -> None:
@@ -145,29 +146,29 @@ def test_a_plain_reply_is_neither_bounce_nor_auto_reply() -> None:
         b"From: someone@pamplona.example\nTo: bounces@clara.example\n"
         b"Subject: Re: CLARA newsletter\nMessage-ID: <r1@pamplona.example>\n\nThanks!\n"
     )
-    assert parse_message(raw).category == "other"
+    assert parse_bounce(raw).category == "other"
 
 
 def test_message_key_without_message_id_is_a_content_hash() -> None:
     raw = sample("qmail-5.1.1.txt")
     without_id = re.sub(rb"(?m)^Message-ID: <2022[^\n]*\n", b"", raw, count=1)
-    key = parse_message(without_id).message_key
+    key = parse_bounce(without_id).message_key
     assert key.startswith("sha256:")
-    assert parse_message(without_id.replace(b"\n", b"\r\n")).message_key == key
-    assert parse_message(without_id + b"more\n").message_key != key
+    assert parse_bounce(without_id.replace(b"\n", b"\r\n")).message_key == key
+    assert parse_bounce(without_id + b"more\n").message_key != key
 
 
 # --- import: matching, policy, idempotence (both backends) -----------------------------------
 
 
 def _import(db: Database, settings: Settings, path: Path, **kw: object) -> object:
-    return import_bounces(db, settings, BounceSource("mbox", str(path)), **kw)  # type: ignore[arg-type]
+    return Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(path)), **kw)  # type: ignore[arg-type]
 
 
 def test_import_all_samples(db: Database, settings: Settings, tmp_path: Path) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "bounces.mbox", all_samples())
-    report = import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    report = Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
 
     assert report.counts() == {
         "read": 11,
@@ -210,10 +211,10 @@ def test_import_all_samples(db: Database, settings: Settings, tmp_path: Path) ->
 def test_import_twice_changes_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "bounces.mbox", all_samples())
-    import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
     before = (bounce_rows(db), delivery_status(db), suppression_reasons(db))
 
-    again = import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    again = Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
 
     assert (bounce_rows(db), delivery_status(db), suppression_reasons(db)) == before
     assert again.bounces == 0 and again.already_seen == 10 and again.suppressed == 0
@@ -225,14 +226,16 @@ def test_the_same_bounce_twice_in_one_mailbox(
 ) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "dup.mbox", [sample("postfix-5.1.1.eml")] * 2)
-    report = import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    report = Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
     assert (report.hard, report.already_seen, len(bounce_rows(db))) == (1, 1, 1)
 
 
 def test_dry_run_writes_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "bounces.mbox", all_samples())
-    report = import_bounces(db, settings, BounceSource("mbox", str(mbox)), dry_run=True)
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(mbox)), dry_run=True
+    )
     assert report.hard == 5 and report.suppressed == 4
     assert bounce_rows(db) == [] and suppression_reasons(db) == []
     assert set(delivery_status(db).values()) == {"sent"}
@@ -254,14 +257,12 @@ def test_three_soft_bounces_in_the_window_suppress(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:
     seed(db)
-    first = import_bounces(
-        db,
-        settings,
+    first = Mailer(settings, database=db).import_bounces(
         BounceSource("mbox", str(write_mbox(tmp_path / "a", [_soft(1, 3), _soft(2, 10)]))),
     )
     assert (first.soft, first.suppressed, suppression_reasons(db)) == (2, 0, [])
-    third = import_bounces(
-        db, settings, BounceSource("mbox", str(write_mbox(tmp_path / "b", [_soft(3, 20)])))
+    third = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(write_mbox(tmp_path / "b", [_soft(3, 20)])))
     )
     assert (third.soft, third.suppressed, suppression_reasons(db)) == (1, 1, ["soft-bounces"])
 
@@ -272,12 +273,12 @@ def test_soft_bounces_outside_the_window_do_not_suppress(
     seed(db)
     spread = [_soft(1, 1), _soft(2, 17), _soft(3, 31), _soft(4, 31)]
     # Days 1, 17, 31: never three within 30 days counting back from 31 (1 is 30 days before).
-    report = import_bounces(
-        db, settings, BounceSource("mbox", str(write_mbox(tmp_path / "s", spread[:3])))
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(write_mbox(tmp_path / "s", spread[:3])))
     )
     assert (report.soft, report.suppressed) == (3, 0)
-    report = import_bounces(
-        db, settings, BounceSource("mbox", str(write_mbox(tmp_path / "t", spread[3:])))
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(write_mbox(tmp_path / "t", spread[3:])))
     )
     assert (report.soft, report.suppressed, suppression_reasons(db)) == (1, 1, ["soft-bounces"])
 
@@ -286,8 +287,8 @@ def test_policy_bounce_never_suppresses(db: Database, settings: Settings, tmp_pa
     seed(db)
     policy = sample("postfix-5.7.1-policy.eml")
     copies = [policy.replace(b"4JjwK21bQvz9sWs@", f"copy{i}@".encode()) for i in range(4)]
-    report = import_bounces(
-        db, settings, BounceSource("mbox", str(write_mbox(tmp_path / "p", copies)))
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(write_mbox(tmp_path / "p", copies)))
     )
     assert (report.policy, report.suppressed, len(report.warnings)) == (4, 0, 4)
     assert suppression_reasons(db) == []
@@ -298,24 +299,25 @@ def test_delayed_changes_nothing_but_is_recorded(
 ) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "d", [sample("postfix-delayed-4.4.1.eml")])
-    report = import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    report = Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
     assert (report.delayed, report.matched_by) == (1, {"verp": 1})
     assert delivery_status(db)[6] == "sent" and suppression_reasons(db) == []
     assert [(r[1], r[2], r[3]) for r in bounce_rows(db)] == [(6, "delayed", "4.4.1")]
 
 
-def test_forged_verp_token_falls_back_and_is_not_trusted(
+def test_forged_verp_token_matches_nothing(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:
     seed(db)
     raw = sample("postfix-5.7.1-policy.eml")
     # Our token with one character altered (an HMAC failure, not a wrong delivery).
     forged = raw.replace(b"aedyc3bnnqedv6o5szbgrv3bsqrry", b"aedyc3bnnqedv6o5szbhrv3bsqrry")
-    report = import_bounces(
-        db, settings, BounceSource("mbox", str(write_mbox(tmp_path / "f", [forged])))
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(write_mbox(tmp_path / "f", [forged])))
     )
-    # Falls back to the address, which has a sent delivery: still found, by address.
-    assert report.matched_by == {"address": 1}
+    # A token that does not verify is never trusted, nor replaced by the address.
+    assert report.matched_by == {} and report.matched == 0
+    assert len(report.unmatched) == 1
 
 
 def test_campaign_restricts_address_matching(
@@ -323,8 +325,8 @@ def test_campaign_restricts_address_matching(
 ) -> None:
     seed(db)
     mbox = write_mbox(tmp_path / "q", [sample("qmail-5.1.1.txt")])
-    report = import_bounces(
-        db, settings, BounceSource("mbox", str(mbox)), campaign="invitation-2022-02"
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("mbox", str(mbox)), campaign="invitation-2022-02"
     )
     assert [u.address for u in report.unmatched] == ["vecino@ayto-elche.example"]
     assert delivery_status(db)[10] == "sent" and suppression_reasons(db) == []
@@ -337,17 +339,17 @@ def test_not_an_mbox(db: Database, settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "recipients.csv"
     path.write_text("email,name\nana@clara.example,Ana\n")
     with pytest.raises(BounceError, match=r"recipients\.csv:1:1: not an mbox mailbox"):
-        import_bounces(db, settings, BounceSource("mbox", str(path)))
+        Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(path)))
     binary = tmp_path / "image.png"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
     with pytest.raises(BounceError, match=r"image\.png:1:1: not an mbox mailbox \(binary data\)"):
-        import_bounces(db, settings, BounceSource("mbox", str(binary)))
+        Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(binary)))
 
 
 def test_not_a_maildir(db: Database, settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "box" / "new").mkdir(parents=True)
     with pytest.raises(BounceError, match=r"box: not a Maildir \(no cur/, tmp/\)"):
-        import_bounces(db, settings, BounceSource("maildir", str(tmp_path / "box")))
+        Mailer(settings, database=db).import_bounces(BounceSource("maildir", str(tmp_path / "box")))
 
 
 def test_maildir_import(db: Database, settings: Settings, tmp_path: Path) -> None:
@@ -355,7 +357,9 @@ def test_maildir_import(db: Database, settings: Settings, tmp_path: Path) -> Non
     box = __import__("mailbox").Maildir(tmp_path / "Maildir", create=True)
     for raw in all_samples():
         box.add(raw)
-    report = import_bounces(db, settings, BounceSource("maildir", str(tmp_path / "Maildir")))
+    report = Mailer(settings, database=db).import_bounces(
+        BounceSource("maildir", str(tmp_path / "Maildir"))
+    )
     assert (report.read, report.hard, report.suppressed) == (11, 5, 4)
 
 
@@ -367,7 +371,7 @@ def test_unreachable_imap_server(db: Database, settings: Settings) -> None:
         port = sock.getsockname()[1]
     url = f"imap://bounces:secret@127.0.0.1:{port}"
     with pytest.raises(BounceError, match=rf"cannot connect to IMAP server 127\.0\.0\.1:{port}: "):
-        import_bounces(db, settings, BounceSource("imap", url))
+        Mailer(settings, database=db).import_bounces(BounceSource("imap", url))
 
 
 # --- the CLI ----------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from clara_mailer.bounces.dsn import import_bounces
 from clara_mailer.bounces.mailboxes import PROCESSED_KEYWORD, BounceSource
 from clara_mailer.core.errors import BounceError
 from clara_mailer.core.settings import Settings
+from clara_mailer.mailer import Mailer
 from clara_mailer.store.database import Database
 from tests.bounces_helpers import all_samples, bounce_rows, delivery_status, seed
 
@@ -120,7 +120,7 @@ def test_imap_import_flags_messages_and_second_run_reads_nothing(
     seed(db)
     folder = imap.new_folder([*all_samples(), PLAIN_REPLY])
 
-    first = import_bounces(db, settings, _source(imap_url, folder))
+    first = Mailer(settings, database=db).import_bounces(_source(imap_url, folder))
 
     assert (first.read, first.bounces, first.hard, first.auto_replies, first.not_bounces) == (
         12, 10, 5, 1, 1,
@@ -132,7 +132,7 @@ def test_imap_import_flags_messages_and_second_run_reads_nothing(
     assert PROCESSED_KEYWORD in reply and "\\Seen" not in reply
     rows = (bounce_rows(db), delivery_status(db))
 
-    second = import_bounces(db, settings, _source(imap_url, folder))
+    second = Mailer(settings, database=db).import_bounces(_source(imap_url, folder))
 
     assert (second.read, second.bounces, second.already_seen) == (0, 0, 0)
     assert (bounce_rows(db), delivery_status(db)) == rows
@@ -145,7 +145,7 @@ def test_imap_move_to(db: Database, settings: Settings, imap: Imap, imap_url: st
     done = f"{folder}-done"
     imap.folders.append(done)
 
-    report = import_bounces(db, settings, _source(imap_url, folder, move_to=done))
+    report = Mailer(settings, database=db).import_bounces(_source(imap_url, folder, move_to=done))
 
     assert report.hard == 5
     assert imap.count(folder) == 1  # only the plain reply is left where it was
@@ -158,7 +158,7 @@ def test_imap_delete_when_asked(
 ) -> None:
     seed(db)
     folder = imap.new_folder([*all_samples(), PLAIN_REPLY])
-    report = import_bounces(db, settings, _source(imap_url, folder, delete=True))
+    report = Mailer(settings, database=db).import_bounces(_source(imap_url, folder, delete=True))
     assert report.read == 12 and len(bounce_rows(db)) == 10
     assert imap.count(folder) == 1
 
@@ -168,10 +168,10 @@ def test_imap_dry_run_leaves_the_mailbox_alone(
 ) -> None:
     seed(db)
     folder = imap.new_folder(all_samples())
-    dry = import_bounces(db, settings, _source(imap_url, folder), dry_run=True)
+    dry = Mailer(settings, database=db).import_bounces(_source(imap_url, folder), dry_run=True)
     assert dry.hard == 5 and bounce_rows(db) == []
     assert all(not f & {"\\Seen", PROCESSED_KEYWORD} for f in imap.flags(folder))
-    real = import_bounces(db, settings, _source(imap_url, folder))
+    real = Mailer(settings, database=db).import_bounces(_source(imap_url, folder))
     assert real.read == 11 and real.hard == 5
 
 
@@ -179,7 +179,7 @@ def test_imap_bad_credentials(db: Database, settings: Settings, imap_url: str) -
     parts = urlsplit(imap_url)
     bad = imap_url.replace(f":{parts.password}@", ":not-the-password@")
     with pytest.raises(BounceError) as caught:
-        import_bounces(db, settings, _source(bad, "INBOX"))
+        Mailer(settings, database=db).import_bounces(_source(bad, "INBOX"))
     message = str(caught.value)
     assert message.startswith(f"IMAP login to 127.0.0.1:{parts.port} as 'clara' failed: ")
     assert "AUTHENTICATIONFAILED" in message and "not-the-password" not in message
@@ -190,7 +190,7 @@ def test_imap_missing_folder(db: Database, settings: Settings, imap_url: str) ->
     with pytest.raises(
         BounceError, match=r"IMAP folder 'No-Such-Folder' on 127\.0\.0\.1:\d+ cannot be opened"
     ):
-        import_bounces(db, settings, _source(imap_url, "No-Such-Folder"))
+        Mailer(settings, database=db).import_bounces(_source(imap_url, "No-Such-Folder"))
 
 
 def test_cli_imap(cli: Callable[..., object], db: Database, imap: Imap, imap_url: str) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from clara_mailer.bounces.dsn import import_bounces
 from clara_mailer.bounces.mailboxes import BounceSource
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner, verp_address
+from clara_mailer.core.vocabulary import Status
+from clara_mailer.mailer import Mailer
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Delivery, Recipient, Status
+from clara_mailer.store.models import Delivery, Recipient
 from tests.bounces_helpers import bounce_rows, seed, suppression_reasons, write_mbox
 from tests.postfix_mta import PostfixInstance, postfix_available
 from tests.smtp_server import Faults, RecordingSMTPServer
@@ -69,7 +70,7 @@ def test_genuine_postfix_bounce(db: Database, settings: Settings, tmp_path: Path
         b"report-type=delivery-status" in raw and b"Reporting-MTA: dns; mail.clara.example" in raw
     )
     mbox = write_mbox(tmp_path / "postfix.mbox", [raw])
-    report = import_bounces(db, settings, BounceSource("mbox", str(mbox)))
+    report = Mailer(settings, database=db).import_bounces(BounceSource("mbox", str(mbox)))
     assert (report.hard, report.matched_by, report.suppressed) == (1, {"verp": 1}, 1)
     with db.session() as s:
         delivery = s.get(Delivery, 11)

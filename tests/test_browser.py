@@ -11,6 +11,7 @@ from sqlalchemy import select
 from clara_mailer.compose import campaigns, render
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Suppression
 from clara_mailer.web.app import create_app
@@ -31,7 +32,7 @@ def test_unsubscribe_link_from_a_rendered_message_in_chromium(
 
     signer = TokenSigner(db.secret_key(settings))
     seeded = seed(db, signer)
-    with serve_in_thread(create_app(settings)) as base_url:
+    with serve_in_thread(create_app(Mailer(settings))) as base_url:
         # The message links to where the app is actually served.
         served = dataclasses.replace(settings, base_url=base_url)
         definition = campaigns.load_campaign(served, "newsletter-2022-01")

@@ -33,17 +33,20 @@ def local_settings(templates: Path) -> Settings:
     return Settings(secret_key="k" * 32, base_url="https://clara.example", templates_dir=templates)
 
 
-def test_load_and_list_the_two_campaigns() -> None:
+def test_load_and_list_the_shipped_campaigns() -> None:
     settings = local_settings(TEMPLATES)
     defs = {d.slug: d for d in list_campaigns(settings)}
-    assert set(defs) == {"newsletter-2022-01", "conference-2022-02-04"}
+    assert set(defs) == {"newsletter-2022-01", "conference-2022-02-04", "press-release-2022-02-04"}
     news, conf = defs["newsletter-2022-01"], defs["conference-2022-02-04"]
+    press = defs["press-release-2022-02-04"]
     assert news.kind == "newsletter" and conf.kind == "invitation"
-    assert news.languages == ("es", "en") and news.sender_domain == "clara.example"
-    assert news.default_segments == ("national-authorities", "local-police", "associations")
+    assert press.kind == "announcement" and press.event is None
+    assert press.default_segments == ("media",)
+    assert news.languages == ("es", "en") and news.sender_domain == "oberaxe.example"
+    assert news.default_segments[:3] == ("national-authorities", "local-police", "associations")
     assert conf.event is not None and conf.event.start.isoformat() == "2022-02-04T10:30:00+01:00"
-    assert check_campaign(settings, "newsletter-2022-01") == []
-    assert check_campaign(settings, "conference-2022-02-04") == []
+    for slug in defs:
+        assert check_campaign(settings, slug) == [], slug
 
 
 def test_template_hash_follows_every_file(tmp_path: Path) -> None:
@@ -71,7 +74,7 @@ def test_check_reports_each_kind_of_problem(tmp_path: Path) -> None:
     folder = Path(settings.templates_dir) / "newsletter-2022-01"
     toml = folder / "campaign.toml"
     text = toml.read_text().replace(
-        'subject = "CLARA: project results and Final Conference in Madrid"',
+        'subject = "CLARA project results newsletter (January 2022)"',
         'subject = "' + "A subject that goes on and on " * 3 + '"',
     )
     toml.write_text(text)
@@ -94,11 +97,15 @@ def test_check_reports_syntax_errors_and_oversized_messages(tmp_path: Path) -> N
     settings = local_settings(copy_templates(tmp_path))
     folder = Path(settings.templates_dir) / "conference-2022-02-04"
     es = folder / "es.html.j2"
-    es.write_text(es.read_text().replace("{% endif %}", "{% endfi %}", 1))
+    es_source = es.read_text()
+    es.write_text(es_source.replace("{% endif %}", "{% endfi %}", 1))
     en = folder / "en.html.j2"
     en.write_text(en.read_text().replace("<h2>Programme</h2>", "<p>" + "relleno " * 15000 + "</p>"))
     problems = check_campaign(settings, "conference-2022-02-04")
-    assert any(p.startswith(f"{es}:7: ") and "endfi" in p for p in problems), problems
+    line = 1 + es_source.splitlines().index(
+        next(x for x in es_source.splitlines() if "{% endif %}" in x)
+    )
+    assert any(p.startswith(f"{es}:{line}: ") and "endfi" in p for p in problems), problems
     assert any("over 100 kB (Gmail clips at 102 kB)" in p for p in problems)
 
 
@@ -123,7 +130,7 @@ def test_cli_check_ok_and_broken(cli: Cli, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("CLARA_TEMPLATES_DIR", str(templates))
     from click.testing import CliRunner
 
-    from clara_mailer.cli.commands import main
+    from clara_mailer.cli import main
 
     result = CliRunner().invoke(main, ["check", "newsletter-2022-01"], catch_exceptions=False)
     assert result.exit_code == 2
@@ -151,11 +158,11 @@ def test_cli_preview_sample_and_registry_recipient(cli: Cli, db: Database, tmp_p
                         segments=[seg]))  # fmt: skip
     html = cli("preview", "newsletter-2022-01", "--recipient", "Lucia@Asociacion.example")
     assert html.exit_code == 0, html.output
-    assert "Estimado/a Lucía Ortega:" in html.output
-    assert "asociaciones y entidades sociales: los marcos" in html.output
+    assert "A la atención de: Lucía Ortega (Asociación Nakera)" in html.output
+    assert "Para las asociaciones y entidades sociales:" in html.output
     text = cli("preview", "newsletter-2022-01", "--recipient", "lucia@asociacion.example",
                "--format", "text")  # fmt: skip
-    assert "Estimado/a Lucía Ortega:" in text.output and "<p" not in text.output
+    assert "A la atención de: Lucía Ortega" in text.output and "<p" not in text.output
     unknown = cli("preview", "newsletter-2022-01", "--recipient", "nobody@example.example")
     assert unknown.exit_code == 1 and "no recipient" in unknown.output
 

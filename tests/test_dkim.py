@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from clara_mailer.compose.dkim import DkimSigner
 from clara_mailer.core.errors import ConfigError
 from clara_mailer.core.settings import Settings
-from clara_mailer.transport.smtp import Outcome, SMTPTransport
+from clara_mailer.core.vocabulary import Outcome
+from clara_mailer.transport import SMTPTransport
 from tests.smtp_server import RecordingSMTPServer
 
 MESSAGE = (

@@ -13,13 +13,14 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner, Result
 from sqlalchemy import select
 
-from clara_mailer.cli.commands import main
+from clara_mailer.cli import main
 from clara_mailer.core.errors import ConfigError, SchemaOutdated, TokenError
 from clara_mailer.core.settings import Settings, load_settings
 from clara_mailer.core.tokens import TokenSigner, verp_address, verp_token
+from clara_mailer.core.vocabulary import STANDARD_SEGMENTS
 from clara_mailer.store import database as db_module
 from clara_mailer.store.database import Database, open_database
-from clara_mailer.store.models import STANDARD_SEGMENTS, Base, Meta, Segment
+from clara_mailer.store.models import Base, Meta, Segment
 from tests.conftest import settings_env
 
 Cli = Callable[..., Result]
@@ -49,18 +50,22 @@ def test_migrations_downgrade_and_upgrade_again(db: Database) -> None:
     assert db.current_revision() == db.head_revision()
 
 
+REAL_HEAD = db_module.SCHEMA_HEAD
+
+
 @pytest.fixture
 def newer_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A copy of migrations/ with one more (empty) revision: the code is 'newer' than a
     database made before it."""
     copy = tmp_path / "migrations"
     shutil.copytree(db_module.MIGRATIONS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "versions" / "0002_later.py").write_text(
-        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+    (copy / "versions" / "9999_later.py").write_text(
+        f'revision = "9999"\ndown_revision = "{REAL_HEAD}"\nbranch_labels = None\n'
+        "depends_on = None\n\n\n"
         "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n"
     )
     monkeypatch.setattr(db_module, "MIGRATIONS_DIR", copy)
-    monkeypatch.setattr(db_module, "SCHEMA_HEAD", "0002")
+    monkeypatch.setattr(db_module, "SCHEMA_HEAD", "9999")
     yield copy
 
 
@@ -68,13 +73,13 @@ def test_a_database_behind_the_code_is_refused_until_upgraded(
     settings: Settings, newer_migrations: Path
 ) -> None:
     monkeypatched_head = Database(settings.database_url)
-    assert monkeypatched_head.head_revision() == "0002"
+    assert monkeypatched_head.head_revision() == "9999"
     monkeypatched_head.dispose()
-    # Made at 0001 with the real migrations, then opened by "newer" code.
+    # Made at the real head with the real migrations, then opened by "newer" code.
     database = Database(settings.database_url)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(db_module, "MIGRATIONS_DIR", db_module.MIGRATIONS)
-        mp.setattr(db_module, "SCHEMA_HEAD", "0001")
+        mp.setattr(db_module, "SCHEMA_HEAD", REAL_HEAD)
         database.ensure_current()
     with pytest.raises(SchemaOutdated, match="run `clara-mail db upgrade`"):
         open_database(settings)
@@ -85,7 +90,7 @@ def test_a_database_behind_the_code_is_refused_until_upgraded(
     assert refused.output.count("\n") == 1
     upgraded = CliRunner().invoke(main, ["db", "upgrade"], env=env)
     assert upgraded.exit_code == 0, upgraded.output
-    assert "0001 -> 0002" in upgraded.output
+    assert f"{REAL_HEAD} -> 9999" in upgraded.output
     assert CliRunner().invoke(main, ["segments"], env=env).exit_code == 0
     database.dispose()
 

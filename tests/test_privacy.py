@@ -13,7 +13,7 @@ from sqlalchemy import String, Text, func, inspect, select, text
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
-from clara_mailer.optouts import privacy
+from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery, Recipient, Rsvp, Suppression, recipient_segments
@@ -143,13 +143,13 @@ def test_erase_asks_first(cli: Cli, db: Database, seeded: Seeded) -> None:
 def test_erase_of_an_unknown_address_still_blocks_it(
     db: Database, settings: Settings, signer: TokenSigner, seeded: Seeded
 ) -> None:
-    done = privacy.erase(db, settings, "nadie@ayuntamiento-leganes.example")
+    done = Mailer(settings, database=db).erase("nadie@ayuntamiento-leganes.example")
     assert not done.recipient_found and done.deliveries == 0
     with db.session() as s:
         hashes = [signer.address_hash("nadie@ayuntamiento-leganes.example")]
         assert active_suppressions(s, hashes) == {hashes[0]: "erased"}
     with pytest.raises(InputError, match="not an email address"):
-        privacy.erase(db, settings, "   ")
+        Mailer(settings, database=db).erase("   ")
 
 
 def test_export_data_holds_everything_about_one_address(cli: Cli, seeded: Seeded) -> None:
@@ -179,8 +179,8 @@ def test_export_data_holds_everything_about_one_address(cli: Cli, seeded: Seeded
 def test_export_after_erasure_shows_only_the_suppression(
     db: Database, settings: Settings, seeded: Seeded
 ) -> None:
-    privacy.erase(db, settings, ANA)
-    data = privacy.export_data(db, settings, ANA)
+    Mailer(settings, database=db).erase(ANA)
+    data = Mailer(settings, database=db).export_data(ANA)
     assert data["profile"] is None and data["deliveries"] == [] and data["rsvps"] == []
     assert [o["reason"] for o in data["opt_outs"]] == ["erased"]
     assert data["bounces"] and all("ana" not in b["diagnostic"].lower() for b in data["bounces"])
@@ -198,9 +198,9 @@ def test_export_refuses_unknown_and_bad_addresses(
     db: Database, settings: Settings, seeded: Seeded
 ) -> None:
     with pytest.raises(NotFound):
-        privacy.export_data(db, settings, "nadie@ayuntamiento-leganes.example")
+        Mailer(settings, database=db).export_data("nadie@ayuntamiento-leganes.example")
     with pytest.raises(InputError):
-        privacy.export_data(db, settings, "no-address")
+        Mailer(settings, database=db).export_data("no-address")
 
 
 def test_suppression_rows_hold_no_address(cli: Cli, db: Database, seeded: Seeded) -> None:

@@ -15,7 +15,8 @@ from click.testing import Result
 from sqlalchemy import select
 
 from clara_mailer.core.settings import Settings
-from clara_mailer.reporting.report import DELIVERY_COLUMNS, STATUSES
+from clara_mailer.core.vocabulary import Status
+from clara_mailer.reporting.report import DELIVERY_COLUMNS
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery
 from tests.report_helpers import (
@@ -57,10 +58,10 @@ def test_json_figures_match_the_log(log: BuiltLog, cli: Cli) -> None:
     assert data["campaign"]["kind"] == "newsletter"
     assert data["campaign"]["started_at"]
     assert data["segments"] == {
-        seg: {st: counts.get(st, 0) for st in STATUSES} for seg, counts in expected.items()
+        seg: {st: counts.get(st, 0) for st in Status} for seg, counts in expected.items()
     }
     totals = sum(expected.values(), Counter())
-    assert data["totals"] == {st: totals.get(st, 0) for st in STATUSES}
+    assert data["totals"] == {st: totals.get(st, 0) for st in Status}
     assert data["total"] == sum(len(m) for m in log.addresses.values())
 
     failures = {(f["status"], f["code"], f["reply"]): f["count"] for f in data["failures"]}
@@ -111,7 +112,7 @@ def test_segment_filter_narrows_every_figure(log: BuiltLog, cli: Cli) -> None:
     expected = log.expected_segments()["associations"]
     assert data["segment_filter"] == "associations"
     assert list(data["segments"]) == ["associations"]
-    assert data["totals"] == {st: expected.get(st, 0) for st in STATUSES}
+    assert data["totals"] == {st: expected.get(st, 0) for st in Status}
     assert data["bounces"]["by_kind"] == {"hard": 1}
     assert {f["code"] for f in data["failures"] if f["status"] == "failed"} == {553}
 

@@ -19,8 +19,9 @@ from clara_mailer.core.errors import DatabaseError
 from clara_mailer.core.resources import EMAIL_TEMPLATES
 from clara_mailer.core.settings import Settings
 from clara_mailer.deliverylog.log import DeliveryLog
+from clara_mailer.mailer import Mailer
+from clara_mailer.plan.plan import SendOptions
 from clara_mailer.reporting.report import build_report
-from clara_mailer.sending.worker import SendOptions, prepare_send, run_send
 from clara_mailer.store.copying import copy_database
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Delivery, Recipient, utcnow
@@ -46,7 +47,7 @@ def test_three_workers_one_killed_everyone_received_exactly_once(
     total = 5000
     add_recipients(db, total)
     # Plan once up front so the three workers start on the same queue at once.
-    prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
     with RecordingSMTPServer() as server:
         # The one to be killed gets no pipes: nothing left open behind it.
         workers = [sender(settings, server, tmp_path, output) for output in (True, False, True)]
@@ -73,7 +74,7 @@ def test_three_workers_one_killed_everyone_received_exactly_once(
 
 def test_claims_are_disjoint_between_workers(db: Database, settings: Settings) -> None:
     add_recipients(db, 300)
-    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    plan = Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
     a = DeliveryLog(db, plan.campaign_id, "host:1:a")
     b = DeliveryLog(db, plan.campaign_id, "host:2:b")
     first = {r.id for r in a.claim(200, 60)}
@@ -87,7 +88,7 @@ def test_expired_lease_makes_in_flight_unknown_and_untouched_claimable(
     db: Database, settings: Settings
 ) -> None:
     add_recipients(db, 10)
-    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    plan = Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
     dead = DeliveryLog(db, plan.campaign_id, "otherhost:1:dead")
     rows = dead.claim(10, lease_seconds=0)
     dead.mark_sending([(r.id, f"<{r.id}@x>", "h") for r in rows[:3]], "newsletter")
@@ -103,7 +104,9 @@ def test_expired_lease_makes_in_flight_unknown_and_untouched_claimable(
 
 def test_rate_limit_is_shared_through_the_campaign_row(db: Database, settings: Settings) -> None:
     add_recipients(db, 10)
-    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",), rate=10))
+    plan = Mailer(settings, database=db).plan(
+        CAMPAIGN, SendOptions(segments=("local-police",), rate=10)
+    )
     a = DeliveryLog(db, plan.campaign_id, "h:1:a")
     b = DeliveryLog(db, plan.campaign_id, "h:2:b")
     start_a = a.reserve_rate_window(10, 10.0)
@@ -158,8 +161,8 @@ def test_copy_sqlite_registry_and_log_to_postgresql(tmp_path: Path) -> None:
     source.ensure_current()
     add_recipients(source, 50)
     opts = SendOptions(segments=("local-police",))
-    plan = prepare_send(source, source_settings, CAMPAIGN, opts)
-    run_send(source, source_settings, plan, opts, handle_signals=False)
+    plan = Mailer(source_settings, database=source).plan(CAMPAIGN, opts)
+    Mailer(source_settings, database=source).send(plan, opts, handle_signals=False)
     url, drop = _new_postgres_database()
     try:
         target = Database(url)

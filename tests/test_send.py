@@ -16,8 +16,9 @@ from sqlalchemy import select, update
 from clara_mailer.core.errors import NotFound, SendError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import suppress
-from clara_mailer.sending.worker import SendOptions, dry_run, prepare_send, run_send
+from clara_mailer.plan.plan import SendOptions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Delivery
 from tests.send_helpers import add_recipients
@@ -39,8 +40,8 @@ def deliveries(db: Database, slug: str = CAMPAIGN) -> dict[str, Delivery]:
 
 def send(db: Database, settings: Settings, **options: object) -> object:
     opts = SendOptions(segments=("local-police",), **options)  # type: ignore[arg-type]
-    plan = prepare_send(db, settings, CAMPAIGN, opts)
-    return run_send(db, settings, plan, opts, handle_signals=False)
+    plan = Mailer(settings, database=db).plan(CAMPAIGN, opts)
+    return Mailer(settings, database=db).send(plan, opts, handle_signals=False)
 
 
 def test_outbox_is_the_default_and_a_rerun_sends_nothing(db: Database, settings: Settings) -> None:
@@ -198,7 +199,7 @@ def test_suppressed_at_plan_time_are_skipped(db: Database, settings: Settings) -
     with db.session() as s:
         suppress(s, signer, addresses[1].upper(), reason="unsubscribe")
         suppress(s, signer, addresses[2], reason="manual", scope="invitation")
-    plan = prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    plan = Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
     assert plan.skipped == 1 and plan.added == 3
     assert deliveries(db)[addresses[1]].status == "skipped"
     assert deliveries(db)[addresses[2]].status == "queued"  # invitation-only opt-out
@@ -211,7 +212,7 @@ def test_recipient_in_two_segments_is_planned_once(db: Database, settings: Setti
 
     add_to_segment(db, police[0], "associations")
     opts = SendOptions(segments=("associations", "local-police"))
-    plan = prepare_send(db, settings, CAMPAIGN, opts)
+    plan = Mailer(settings, database=db).plan(CAMPAIGN, opts)
     assert plan.added == 5
     assert deliveries(db)[police[0]].segment == "associations"
 
@@ -221,19 +222,17 @@ def test_unknown_segment_and_changed_templates_are_refused(
 ) -> None:
     add_recipients(db, 2)
     with pytest.raises(NotFound, match="unknown segment 'nope'"):
-        prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("nope",)))
+        Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("nope",)))
     # Planned but nothing sent yet: editing the templates is fine.
-    prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
     with db.session() as s:
         s.execute(update(Campaign).where(Campaign.slug == CAMPAIGN).values(template_hash="1" * 64))
     send(db, settings)
     with db.session() as s:
         s.execute(update(Campaign).where(Campaign.slug == CAMPAIGN).values(template_hash="0" * 64))
     with pytest.raises(SendError, match="--allow-changed-templates"):
-        prepare_send(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
-    prepare_send(
-        db,
-        settings,
+        Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
+    Mailer(settings, database=db).plan(
         CAMPAIGN,
         SendOptions(segments=("local-police",), allow_changed_templates=True),
     )
@@ -296,7 +295,9 @@ def test_unreachable_server_fails_the_run_before_touching_a_row(
 
 def test_dry_run_renders_everything_and_writes_nothing(db: Database, settings: Settings) -> None:
     add_recipients(db, 12)
-    result = dry_run(db, settings, CAMPAIGN, SendOptions(segments=("local-police",)))
+    result = Mailer(settings, database=db).dry_run(
+        CAMPAIGN, SendOptions(segments=("local-police",))
+    )
     assert result.rendered == Counter({"local-police": 12})
     assert result.largest > 1000
     assert deliveries(db) == {}

@@ -60,7 +60,7 @@ def test_dry_run_and_test_to(cli: Cli, db: Database, settings: Settings) -> None
         env_cli = Settings(**{**vars(settings), "smtp_url": server.url()})  # type: ignore[arg-type]
         from click.testing import CliRunner
 
-        from clara_mailer.cli.commands import main
+        from clara_mailer.cli import main
 
         result = CliRunner().invoke(
             main,

@@ -19,10 +19,10 @@ import trustme
 
 from clara_mailer.core.errors import ConfigError, TransportError
 from clara_mailer.core.settings import Settings
-from clara_mailer.transport.smtp import (
+from clara_mailer.core.vocabulary import Outcome
+from clara_mailer.transport import (
     MemoryTransport,
     OutboxTransport,
-    Outcome,
     SendResult,
     SMTPTransport,
     dot_stuff,

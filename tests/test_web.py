@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Base, Rsvp, Suppression
@@ -40,7 +41,7 @@ def seeded(db: Database, signer: TokenSigner) -> Seeded:
 def client(settings: Settings, seeded: Seeded) -> Iterator[httpx.Client]:
     """An HTTP client talking to the app served by uvicorn on 127.0.0.1."""
     with (
-        serve_in_thread(create_app(settings)) as base_url,
+        serve_in_thread(create_app(Mailer(settings))) as base_url,
         httpx.Client(base_url=base_url, timeout=10) as http,
     ):
         yield http

@@ -18,11 +18,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from clara_mailer.core.errors import CampaignError, NotFound
 from clara_mailer.core.settings import Settings
+from clara_mailer.core.vocabulary import CampaignKind, choices
 
 CAMPAIGN_FILE = "campaign.toml"
-KINDS = ("newsletter", "invitation")
-# Every recipient speaks one of these (models.Recipient.language): each campaign needs both.
-LANGUAGES = ("es", "en")
+#: The campaign's facts, beside campaign.toml; the facts every campaign shares, beside them.
+DATA_FILE = "data.toml"
+PROJECT_FILE = "project.toml"
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 _ADDR = re.compile(r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
 _LIST_ID = re.compile(r"^[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
@@ -36,8 +37,9 @@ class EventDef:
     start: dt.datetime
     end: dt.datetime
     timezone: str
-    place: dict[str, str]
-    address: str
+    place: dict[str, str]  # the city, per language ("Madrid")
+    venue_name: str  # empty until the user fills it in: the report names no venue
+    venue_address: str
     organiser: str
     organiser_email: str
     sequence: int
@@ -47,7 +49,7 @@ class EventDef:
 @dataclass(frozen=True)
 class CampaignDef:
     slug: str
-    kind: str
+    kind: CampaignKind
     path: Path
     languages: tuple[str, ...]
     default_segments: tuple[str, ...]
@@ -61,6 +63,12 @@ class CampaignDef:
     subjects: dict[str, str] = field(hash=False)
     preheaders: dict[str, str] = field(hash=False)
     event: EventDef | None = None
+    #: The From display name per language (``[languages.xx] sender_name``), else sender_name.
+    sender_names: dict[str, str] = field(default_factory=dict, hash=False)
+    #: The campaign's facts (``data.toml`` beside campaign.toml), for the templates' loops.
+    data: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: Facts shared by every campaign (``project.toml`` in the templates folder).
+    project: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def template_file(self, language: str) -> Path:
         return self.path / f"{language}.html.j2"
@@ -68,6 +76,18 @@ class CampaignDef:
     @property
     def toml_path(self) -> Path:
         return self.path / CAMPAIGN_FILE
+
+    def display_name(self, language: str) -> str:
+        """The From display name in ``language``."""
+        return self.sender_names.get(language, self.sender_name)
+
+    def location(self, language: str) -> str:
+        """Where the event is, as far as the settings say: venue and address, else the city."""
+        ev = self.event
+        if ev is None:
+            return ""
+        parts = [p for p in (ev.venue_name, ev.venue_address) if p]
+        return ", ".join([*parts, ev.place[language]] if parts else [ev.place[language]])
 
 
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> CampaignError:
@@ -122,6 +142,18 @@ class _Reader:
         return out
 
 
+def _read_data(path: Path) -> dict[str, Any]:
+    """A facts file as a dict (empty when there is none), errors naming file and line."""
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, exc) from None
+    except UnicodeDecodeError:
+        raise CampaignError(f"{path}: not UTF-8 text") from None
+
+
 def _read_event(r: _Reader, languages: tuple[str, ...]) -> EventDef:
     tzname = r.text("event.timezone")
     try:
@@ -150,7 +182,8 @@ def _read_event(r: _Reader, languages: tuple[str, ...]) -> EventDef:
         end=end,
         timezone=tzname,
         place=places,
-        address=r.text("event.address"),
+        venue_name=r.text("event.venue_name", ""),
+        venue_address=r.text("event.venue_address", ""),
         organiser=r.text("event.organiser"),
         organiser_email=r.address("event.organiser_email"),
         sequence=r.get("event.sequence", int, 0),
@@ -180,8 +213,8 @@ def load_campaign(settings: Settings, slug: str) -> CampaignDef:
     r = _Reader(toml_path, data)
 
     kind = r.text("kind")
-    if kind not in KINDS:
-        raise r.fail("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind not in set(CampaignKind):
+        raise r.fail("kind", f"must be one of {choices(CampaignKind)}, not {kind!r}")
     langs_table = r.get("languages", dict)
     languages = tuple(lang for lang in langs_table if isinstance(langs_table[lang], dict))
     if not languages:
@@ -192,14 +225,17 @@ def load_campaign(settings: Settings, slug: str) -> CampaignDef:
     sender = r.address("sender.address")
     subjects = r.per_language("subject", languages)
     preheaders = r.per_language("preheader", languages)
-    event = _read_event(r, languages) if kind == "invitation" else None
+    event = _read_event(r, languages) if kind == CampaignKind.INVITATION else None
     domain = sender.rpartition("@")[2].lower()
     list_id = r.text("list_id", f"{kind}.{domain}")
     if not _LIST_ID.match(list_id):
         raise r.fail("list_id", f"{list_id!r} is not a list id such as newsletter.clara.example")
     return CampaignDef(
+        sender_names=r.per_language("sender_name", languages),
+        data=_read_data(path / DATA_FILE),
+        project=_read_data(path.parent / PROJECT_FILE),
         slug=slug,
-        kind=kind,
+        kind=CampaignKind(kind),
         path=path,
         languages=languages,
         default_segments=tuple(segments),

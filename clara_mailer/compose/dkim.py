@@ -3,6 +3,11 @@
 The signed bytes are the bytes sent: the transport never re-serialises a message.
 dkimpy's default header list omits List-Unsubscribe-Post, which RFC 8058 section 4
 wants signed, so we name the headers ourselves.
+
+From, Subject, List-Unsubscribe and List-Unsubscribe-Post are over-signed: named once
+more than the message has them (RFC 6376 section 8.15), so a copy added anywhere later
+breaks the signature instead of being shown above the signed one. Reply-To is signed
+whether present or not: signing an absent header means one added later breaks it too.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ SIGNED_HEADERS = (
     b"list-id",
     b"list-unsubscribe",
     b"list-unsubscribe-post",
+    b"reply-to",
 )
+#: Each occurs at most once in a message we build: a second h= entry signs its absence.
+OVER_SIGNED = (b"from", b"subject", b"list-unsubscribe", b"list-unsubscribe-post")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,6 @@ class DkimSigner:
             self.domain.encode("ascii"),
             self.private_key,
             canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=list(SIGNED_HEADERS),
+            include_headers=[*SIGNED_HEADERS, *OVER_SIGNED],
         )
         return signature + message

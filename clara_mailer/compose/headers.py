@@ -63,16 +63,66 @@ def encoded_words(text: str) -> list[str]:
     return words
 
 
+def ascii_header(field: str, text: str) -> bytes | None:
+    """``Field: text`` folded at spaces to 78 columns, for printable ASCII ``text`` (the
+    stdlib folds a long one onto a line of its own, and readers then see a leading space);
+    None when ``text`` needs encoding."""
+    if not _PRINTABLE.match(text) or "=?" in text:
+        return None
+    lines: list[str] = []
+    line = f"{field}:"
+    for word in text.split(" "):
+        if len(line) + 1 + len(word) > _MAX_LINE and line.strip() and line != f"{field}:":
+            lines.append(line)
+            line = ""
+        line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _phrase(name: str, smtputf8: bool) -> list[str]:
     """Display-name tokens: atoms, one quoted-string, or encoded-words."""
+    atext = _ATEXT_UTF8 if smtputf8 else _ATEXT
     if "=?" not in name:
-        atext = _ATEXT_UTF8 if smtputf8 else _ATEXT
         words = name.split(" ")
         if all(atext.match(w) and len(w.encode()) <= 60 for w in words):
             return words
         if (smtputf8 or _PRINTABLE.match(name)) and len(name.encode()) <= 60:
-            return ['"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"']
-    return encoded_words(name)
+            return [_quoted(name)]
+    # Mixed: plain words stay atoms and only runs of the other words are
+    # encoded, split between words with the space inside the earlier word, so that no
+    # decoder joins two words or splits one ("Xenofo bia") at an encoded-word boundary.
+    tokens: list[str] = []
+    run: list[str] = []
+    for word in name.split(" "):
+        plain = word and "=?" not in word and len(word.encode()) <= 60
+        if plain and atext.match(word):
+            tokens.extend(_encoded_run(run))
+            tokens.append(word)
+            run = []
+        else:
+            run.append(word)
+    tokens.extend(_encoded_run(run))
+    return tokens
+
+
+def _encoded_run(words: list[str]) -> list[str]:
+    """Encoded-words for consecutive words, breaking between words where possible."""
+    out: list[str] = []
+    chunk = ""
+    for i, word in enumerate(words):
+        piece = word + (" " if i < len(words) - 1 else "")
+        if chunk and len((chunk + piece).encode()) > _WORD_BYTES:
+            out.extend(encoded_words(chunk))
+            chunk = ""
+        chunk += piece
+    if chunk:
+        out.extend(encoded_words(chunk))
+    return out
 
 
 def address_header(field: str, name: str, address: str, *, smtputf8: bool) -> bytes:

@@ -37,21 +37,21 @@ from typing import Any
 import jinja2
 from premailer import Premailer
 
-from clara_mailer.compose.campaigns import LANGUAGES, CampaignDef, load_campaign
-from clara_mailer.compose.headers import address_header, wire_address
+from clara_mailer.compose.campaigns import CampaignDef, load_campaign
+from clara_mailer.compose.headers import address_header, ascii_header, wire_address
 from clara_mailer.compose.ics import ICS_FILENAME, event_ics
 from clara_mailer.compose.textpart import html_to_text
 from clara_mailer.core.errors import CampaignError, ConfigError, MailerError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
-from clara_mailer.store.models import STANDARD_SEGMENTS
+from clara_mailer.core.vocabulary import LANGUAGES, STANDARD_SEGMENTS
 
 MAX_SUBJECT_CHARS = 78
 MAX_MESSAGE_BYTES = 100 * 1024  # Gmail clips at 102 kB
 _POLICIES = {False: email.policy.SMTP, True: email.policy.SMTPUTF8}
 
 # Per-recipient fields, in this order in every value tuple.
-FIELDS = ("name", "organisation", "email", "unsubscribe_token", "rsvp_token")
+FIELDS = ("name", "organisation", "email", "unsubscribe_token", "rsvp_token", "consent_source")
 _SENTINELS = tuple(f"ZQX{i}qclaraXQZ" for i in range(len(FIELDS)))
 _SENTINEL_RE = re.compile(r"ZQX([0-9])qclaraXQZ")
 # Controls, line/paragraph separators, surrogates, non-characters: never in a field.
@@ -106,6 +106,8 @@ class RecipientView:
     organisation: str
     language: str
     segment: str
+    #: Where the address came from (the registry's ``consent_source``): the footer says it.
+    consent_source: str = ""
 
 
 def _long_date(day: dt.date, language: str) -> str:
@@ -200,6 +202,10 @@ def _merge(pieces: list[_Piece]) -> tuple[_Piece, ...]:
     return tuple(merged)
 
 
+#: (language, segment, name given, organisation given, consent source given)
+_VariantKey = tuple[str, str, bool, bool, bool]
+
+
 @dataclass
 class _Variant:
     language: str
@@ -226,7 +232,13 @@ class Renderer:
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
         )
-        self._variants: dict[tuple[str, str, bool, bool], _Variant] = {}
+        self._variants: dict[_VariantKey, _Variant] = {}
+        self.footer = {
+            "legal_name": settings.sender_legal_name or "",
+            "postal_address": settings.sender_postal_address or "",
+            "controller_contact": settings.controller_contact or "",
+            "privacy_url": settings.privacy_url or "",
+        }
         self._ics: dict[str, bytes] = {}
         self._date_second = -1
         self._date = b""
@@ -245,16 +257,20 @@ class Renderer:
 
     def _context(self, language: str, segment: str, values: tuple[str, ...]) -> dict[str, Any]:
         d = self.defn
-        name, organisation, address, utoken, rtoken = values
+        name, organisation, address, utoken, rtoken, source = values
         ctx: dict[str, Any] = {
             "language": language,
             "segment": segment,
             "name": name,
             "organisation": organisation,
             "email": address,
+            "consent_source": source,
+            "data": d.data,
+            "project": d.project,
+            "footer": self.footer,
             "subject": d.subjects.get(language, ""),
             "preheader": d.preheaders.get(language, ""),
-            "sender_name": d.sender_name,
+            "sender_name": d.display_name(language),
             "unsubscribe_url": f"{self.base_url}/u/{utoken}",
             "segment_names": STANDARD_SEGMENTS,
         }
@@ -269,7 +285,9 @@ class Renderer:
                 "end": ev.end.strftime("%H:%M"),
                 "timezone": ev.timezone,
                 "place": ev.place[language],
-                "address": ev.address,
+                "venue_name": ev.venue_name,
+                "venue_address": ev.venue_address,
+                "location": d.location(language),
                 "organiser": ev.organiser,
             }
         return ctx
@@ -293,10 +311,15 @@ class Renderer:
 
     def _static_headers(self, language: str, smtputf8: bool) -> bytes:
         d, policy = self.defn, _POLICIES[smtputf8]
-        sender = str(Address(display_name=d.sender_name, addr_spec=d.sender))
+        # Our own folding for From, as for To: the stdlib's can leave an ASCII tail after
+        # an encoded word ("(OBER" + "AXE)"), which readers then show with a space.
+        sender = address_header("From", d.display_name(language), d.sender, smtputf8=smtputf8)
+        subject = d.subjects.get(language, "")
+        plain_subject = ascii_header("Subject", subject)
+        if plain_subject is not None:
+            sender += plain_subject
         fields = [
-            ("From", sender),
-            ("Subject", d.subjects.get(language, "")),
+            *([] if plain_subject is not None else [("Subject", subject)]),
             ("Reply-To", d.reply_to),
             ("MIME-Version", "1.0"),
             ("Auto-Submitted", "auto-generated"),
@@ -305,14 +328,15 @@ class Renderer:
         ]
         # header_factory + fold: policy.fold() alone leaves a plain str unencoded.
         folded = (policy.header_factory(k, v).fold(policy=policy) for k, v in fields)
-        return "".join(folded).encode("utf-8")
+        return sender + "".join(folded).encode("utf-8")
 
-    def _prepare(self, key: tuple[str, str, bool, bool]) -> _Variant:
-        language, segment, has_name, has_org = key
+    def _prepare(self, key: _VariantKey) -> _Variant:
+        language, segment, has_name, has_org, has_source = key
         values = (
             _SENTINELS[0] if has_name else "",
             _SENTINELS[1] if has_org else "",
-            *_SENTINELS[2:],
+            *_SENTINELS[2:5],
+            _SENTINELS[5] if has_source else "",
         )
         document = self.render_html(language, segment, values)
         text = html_to_text(document)
@@ -343,7 +367,7 @@ class Renderer:
                 f"--{mixed}\r\n".encode()
                 + b'Content-Type: text/calendar; charset="utf-8"; method=PUBLISH; '
                 + f'name="{ICS_FILENAME}"\r\n'.encode()
-                + f'Content-Disposition: attachment; filename="{ICS_FILENAME}"\r\n'.encode()
+                + f'Content-Disposition: inline; filename="{ICS_FILENAME}"\r\n'.encode()
                 + b"Content-Transfer-Encoding: base64\r\n\r\n"
                 + ics_lines
                 + b"\r\n",
@@ -355,8 +379,10 @@ class Renderer:
         }
         return _Variant(language, _merge(pieces), heads, document, text)
 
-    def variant(self, language: str, segment: str, has_name: bool, has_org: bool) -> _Variant:
-        key = (self.language_for(language), segment, has_name, has_org)
+    def variant(
+        self, language: str, segment: str, has_name: bool, has_org: bool, has_source: bool = False
+    ) -> _Variant:
+        key = (self.language_for(language), segment, has_name, has_org, has_source)
         found = self._variants.get(key)
         if found is None:
             found = self._variants[key] = self._prepare(key)
@@ -394,10 +420,10 @@ class Renderer:
         ``message_id``: ``self.message_id(r)``, when the caller has it already."""
         address = wire_address(r.email.strip(), smtputf8=smtputf8)
         name, organisation = clean_field(r.name), clean_field(r.organisation)
-        shown = clean_field(r.email)
-        v = self.variant(r.language, r.segment, bool(name), bool(organisation))
+        shown, source = clean_field(r.email), clean_field(r.consent_source)
+        v = self.variant(r.language, r.segment, bool(name), bool(organisation), bool(source))
         utoken, rtoken = self._tokens(r)
-        text_values = (name, organisation, shown, utoken, rtoken)
+        text_values = (name, organisation, shown, utoken, rtoken, source)
         esc = html.escape
         html_values = (
             esc(name, False),
@@ -405,6 +431,7 @@ class Renderer:
             esc(shown, False),
             utoken,
             rtoken,
+            esc(source, False),
         )
         out = [
             self._date_header(),
@@ -429,11 +456,11 @@ class Renderer:
         language = self.language_for(r.language)
         utoken, rtoken = self._tokens(r)
         values = (name, organisation, clean_field(r.email), utoken, rtoken)
-        document = self.render_html(language, r.segment, values)
+        document = self.render_html(language, r.segment, (*values, clean_field(r.consent_source)))
         d = self.defn
         msg = EmailMessage(policy=_POLICIES[smtputf8])
         msg["Date"] = format_datetime(dt.datetime.now(dt.UTC))
-        msg["From"] = Address(display_name=d.sender_name, addr_spec=d.sender)
+        msg["From"] = Address(display_name=d.display_name(language), addr_spec=d.sender)
         local, _, domain = address.rpartition("@")
         # username/domain, not addr_spec: the parser refuses UTF-8 local parts (RFC 6532).
         msg["To"] = Address(display_name=name, username=local, domain=domain)
@@ -454,6 +481,7 @@ class Renderer:
                 subtype="calendar",
                 params={"method": "PUBLISH", "charset": "utf-8"},
                 filename=ICS_FILENAME,
+                disposition="inline",  # clients offer "add to calendar"
             )
         return msg.as_bytes()
 
@@ -543,7 +571,13 @@ def compare_renders(fast: bytes, reference: bytes, *, skip: tuple[str, ...] = ()
 # -- checking a campaign before it is sent ----------------------------------------------
 
 SAMPLE = RecipientView(
-    0, "ana.perez@ayuntamiento.example", "Ana María Pérez", "Policía Municipal", "es", ""
+    0,
+    "ana.perez@ayuntamiento.example",
+    "Ana María Pérez",
+    "Policía Municipal",
+    "es",
+    "",
+    "informe CLARA D5.2, sección 5.3",
 )
 # Fields that stress every path: markup, quotes, braces, encoded-word lookalikes, accents.
 HOSTILE = RecipientView(
@@ -553,7 +587,12 @@ HOSTILE = RecipientView(
     "<script>alert(1)</script> & Co {name} ZQX9qclaraXQZ",
     "es",
     "",
+    "<i>web</i> {0} & ZQX5qclaraXQZ",
 )
+
+
+#: Which personal fields are given, in the combinations ``check`` renders.
+_PRESENCE = ((True, True, True), (False, False, False), (True, False, True), (False, True, False))
 
 
 def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = None) -> list[str]:
@@ -588,7 +627,7 @@ def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = No
         if not template.is_file():
             continue
         for segment in segments:
-            for has_name, has_org in ((True, True), (False, False), (True, False), (False, True)):
+            for has_name, has_org, has_source in _PRESENCE:
                 sample = RecipientView(
                     SAMPLE.id,
                     SAMPLE.email,
@@ -596,9 +635,10 @@ def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = No
                     SAMPLE.organisation if has_org else "",
                     language,
                     segment,
+                    SAMPLE.consent_source if has_source else "",
                 )
                 try:
-                    variant = renderer.variant(language, segment, has_name, has_org)
+                    variant = renderer.variant(language, segment, has_name, has_org, has_source)
                     size = len(renderer.render(sample))
                 except MailerError as exc:
                     problems.append(str(exc))

@@ -61,8 +61,17 @@ def _b32(data: bytes) -> str:
 
 
 def _unb32(text: str) -> bytes:
-    text = text.upper()
-    return base64.b32decode(text + "=" * (-len(text) % 8))
+    """Decode a token; only the one spelling ``_b32`` produces is accepted.
+
+    Base32 packs 5 bits per character, so the last character may carry unused padding
+    bits that ``b32decode`` ignores: re-encoding and comparing rejects any other spelling.
+    Case is folded first, because VERP local parts may come back upper-cased.
+    """
+    text = text.lower()
+    data = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+    if _b32(data) != text:
+        raise ValueError("non-canonical token")
+    return data
 
 
 class TokenSigner:

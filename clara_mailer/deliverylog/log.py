@@ -1,4 +1,5 @@
-"""The delivery log: every SQL statement of the delivery state machine.
+"""The delivery log: the only writer of ``deliveries`` and of a campaign's progress
+(its row in ``campaigns``: created, template hash, rate, started, finished).
 
 ::
 
@@ -12,7 +13,8 @@ A claim only leases rows (worker id + lease); a row becomes ``sending`` in a com
 transaction *before* its message is handed to the transport, so after a crash a
 ``sending`` row with an expired lease is exactly "maybe sent" (-> ``unknown``), and a
 leased row still ``queued`` or ``deferred`` was never touched: it is simply claimable
-again once the lease expires. The sender (send.py) calls this through ``DeliveryLog``.
+again once the lease expires. The sender (``sending``) calls this through ``DeliveryLog``;
+bounces (``mark_bounced``) and erasure (``forget_addresses``) through the functions below.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import datetime as dt
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Select,
     and_,
     bindparam,
@@ -38,7 +42,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from clara_mailer.core.errors import SendError
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import OPEN_STATUSES, UNTOUCHED_STATUSES, Status
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import (
@@ -46,7 +52,6 @@ from clara_mailer.store.models import (
     Delivery,
     Recipient,
     Segment,
-    Status,
     recipient_segments,
     utcnow,
 )
@@ -81,6 +86,7 @@ class ClaimedRow:
     email: str | None
     name: str
     organisation: str
+    consent_source: str
     language: str
     segment: str
     status: str
@@ -89,7 +95,7 @@ class ClaimedRow:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Record:
     """One result to write back: a final or deferred state for a row in ``sending``."""
 
     delivery_id: int
@@ -105,6 +111,8 @@ class Outcome:
 class PlanCounts:
     added: int = 0
     skipped: int = 0
+    #: segment -> (new rows queued, new rows skipped); filled by ``preview_plan``.
+    per_segment: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 _MARK_SENDING = (
@@ -221,6 +229,54 @@ class DeliveryLog:
                     )
         return counts
 
+    def preview_plan(
+        self, segment_ids: Sequence[tuple[int, str]], signer: TokenSigner, kind: str
+    ) -> PlanCounts:
+        """What ``plan`` would add, per segment, without writing anything: the rows it
+        would create as ``queued`` and as ``skipped`` (suppressed). Read-only, so a send
+        that is declined at its prompt leaves no trace."""
+        counts = PlanCounts()
+        seen: set[int] = set()  # planned under an earlier segment
+        for segment_id, slug in segment_ids:
+            after = 0
+            added = skipped = 0
+            while True:
+                with self.db.session() as s:
+                    members = s.execute(
+                        select(Recipient.id, Recipient.email)
+                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+                        .outerjoin(
+                            Delivery,
+                            and_(
+                                Delivery.campaign_id == self.campaign_id,
+                                Delivery.recipient_id == Recipient.id,
+                            ),
+                        )
+                        .where(
+                            recipient_segments.c.segment_id == segment_id,
+                            Recipient.id > after,
+                            Delivery.id.is_(None),
+                        )
+                        .order_by(Recipient.id)
+                        .limit(PLAN_CHUNK)
+                    ).all()
+                    if not members:
+                        break
+                    after = members[-1].id
+                    fresh = [m for m in members if m.id not in seen]
+                    seen.update(m.id for m in fresh)
+                    hashes = {m.id: signer.address_hash(m.email) for m in fresh}
+                    suppressed = active_suppressions(s, hashes.values(), kind)
+                for m in fresh:
+                    if suppressed.get(hashes[m.id]):
+                        skipped += 1
+                    else:
+                        added += 1
+            counts.per_segment[slug] = (added, skipped)
+            counts.added += added
+            counts.skipped += skipped
+        return counts
+
     def requeue_unknown(self) -> int:
         """``--resend-unknown``: put rows whose outcome is unknown back in the queue."""
         with self.db.session() as s:
@@ -322,12 +378,14 @@ class DeliveryLog:
     # -- claim --------------------------------------------------------------------------
 
     def claim_queries(self, now: dt.datetime, limit: int) -> list[Select[int]]:
-        """The two index range scans a claim makes: queued rows, then deferred rows due."""
+        """The two index range scans a claim makes: deferred rows that are due first (a
+        retry is older business than a newcomer, and ``--limit`` must not starve it), then
+        queued rows."""
         free = or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
         queries = []
         for condition in (
-            Delivery.status == Status.QUEUED,
             and_(Delivery.status == Status.DEFERRED, Delivery.next_attempt_at <= now),
+            Delivery.status == Status.QUEUED,
         ):
             query = (
                 select(Delivery.id)
@@ -364,6 +422,7 @@ class DeliveryLog:
                     Recipient.email,
                     Recipient.name,
                     Recipient.organisation,
+                    Recipient.consent_source,
                     Delivery.language,
                     Delivery.segment,
                     Delivery.status,
@@ -374,6 +433,8 @@ class DeliveryLog:
                 .where(Delivery.id.in_(ids))
                 .order_by(Delivery.id)
             ).all()
+        order = {delivery_id: i for i, delivery_id in enumerate(ids)}
+        rows = sorted(rows, key=lambda r: order[r.id])  # due retries stay first
         return [
             ClaimedRow(
                 id=r.id,
@@ -381,6 +442,7 @@ class DeliveryLog:
                 email=r.email,
                 name=r.name or "",
                 organisation=r.organisation or "",
+                consent_source=r.consent_source or "",
                 language=r.language,
                 segment=r.segment,
                 status=r.status,
@@ -426,7 +488,7 @@ class DeliveryLog:
                 conn.execute(_MARK_SENDING, params)
         return suppressed
 
-    def record(self, outcomes: Sequence[Outcome]) -> None:
+    def record(self, outcomes: Sequence[Record]) -> None:
         """Write back a batch of results in one transaction."""
         if not outcomes:
             return
@@ -445,6 +507,32 @@ class DeliveryLog:
         ]
         with self.db.engine.begin() as conn:
             conn.execute(_RECORD, params)
+
+    # -- the campaign's progress ----------------------------------------------------------
+
+    def mark_started(self) -> None:
+        """The first send of the campaign began (kept from the first run on)."""
+        with self.db.session() as s:
+            s.execute(
+                update(Campaign)
+                .where(Campaign.id == self.campaign_id, Campaign.started_at.is_(None))
+                .values(started_at=utcnow())
+            )
+
+    def finish_if_done(self) -> bool:
+        """Mark the campaign finished when no row has work left; True if so."""
+        with self.db.session() as s:
+            left = s.scalar(
+                select(Delivery.id)
+                .where(Delivery.campaign_id == self.campaign_id, Delivery.status.in_(OPEN_STATUSES))
+                .limit(1)
+            )
+            if left is not None:
+                return False
+            s.execute(
+                update(Campaign).where(Campaign.id == self.campaign_id).values(finished_at=utcnow())
+            )
+            return True
 
     # -- figures ------------------------------------------------------------------------
 
@@ -477,7 +565,104 @@ def segment_ids(s: Session, slugs: Sequence[str]) -> list[tuple[int, str]]:
     return [(found[slug], slug) for slug in slugs if slug in found]
 
 
-def add_campaign_row(s: Session, slug: str, kind: str) -> Campaign:
+def campaign_id_of(db: Database, slug: str) -> int:
+    """The id of the campaign's row, or 0 while nothing was planned for it."""
+    with db.session() as s:
+        return s.scalar(select(Campaign.id).where(Campaign.slug == slug)) or 0
+
+
+def open_campaign(
+    db: Database,
+    slug: str,
+    kind: str,
+    template_hash: str,
+    *,
+    rate: float | None = None,
+    allow_changed_templates: bool = False,
+) -> int:
+    """Create (or find) the campaign's row and record the template hash and rate.
+
+    A resume whose templates changed after a message went out is refused (SendError)
+    unless ``allow_changed_templates``: recipients would get different mails."""
+    with db.session() as s:
+        campaign = _add_campaign_row(s, slug, kind)
+        changed = campaign.template_hash is not None and campaign.template_hash != template_hash
+        if changed and not allow_changed_templates and _anything_went_out(s, campaign.id):
+            raise _templates_changed(slug)
+        campaign.template_hash = template_hash
+        if rate is not None:
+            campaign.rate_limit = rate
+        return campaign.id
+
+
+def check_templates(
+    db: Database, slug: str, template_hash: str, *, allow_changed_templates: bool = False
+) -> None:
+    """``open_campaign``'s refusal, read-only: raise SendError when a resume would send
+    changed templates after a message went out. Writes nothing."""
+    with db.session() as s:
+        campaign = s.scalars(select(Campaign).where(Campaign.slug == slug)).first()
+        if campaign is None or allow_changed_templates:
+            return
+        changed = campaign.template_hash is not None and campaign.template_hash != template_hash
+        if changed and _anything_went_out(s, campaign.id):
+            raise _templates_changed(slug)
+
+
+def _templates_changed(slug: str) -> SendError:
+    return SendError(
+        f"the templates of {slug!r} changed since its first message went out; "
+        "resume anyway with --allow-changed-templates"
+    )
+
+
+def _anything_went_out(s: Session, campaign_id: int) -> bool:
+    first = s.scalar(
+        select(Delivery.id)
+        .where(Delivery.campaign_id == campaign_id, Delivery.status.not_in(UNTOUCHED_STATUSES))
+        .limit(1)
+    )
+    return first is not None
+
+
+def mark_bounced(
+    session: Session, delivery_id: int, *, smtp_code: int | None, smtp_reply: str
+) -> None:
+    """A bounce report says this delivery did not arrive after all: record why."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(status=Status.BOUNCED, smtp_code=smtp_code, smtp_reply=smtp_reply)
+    )
+
+
+def forget_addresses(
+    session: Session,
+    addresses: Sequence[str],
+    recipient_id: int | None,
+    scrub: Callable[[str], str],
+) -> tuple[list[int], int]:
+    """Erasure (GDPR): blank the address and recipient of every delivery to it (the rows
+    stay for the campaign figures) and pass stored SMTP replies through ``scrub``.
+    Returns the ids of the rows touched and how many replies changed."""
+    lowered = [a.lower() for a in addresses]
+    where: ColumnElement[bool] = func.lower(Delivery.email).in_(lowered)
+    if recipient_id is not None:
+        where = or_(where, Delivery.recipient_id == recipient_id)
+    ids, scrubbed = [], 0
+    for row in session.execute(select(Delivery.id, Delivery.smtp_reply).where(where)).all():
+        values: dict[str, Any] = {"email": None, "recipient_id": None}
+        if row.smtp_reply:
+            cleaned = scrub(row.smtp_reply)
+            if cleaned != row.smtp_reply:
+                values["smtp_reply"] = cleaned
+                scrubbed += 1
+        session.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
+        ids.append(row.id)
+    return ids, scrubbed
+
+
+def _add_campaign_row(s: Session, slug: str, kind: str) -> Campaign:
     campaign = s.scalars(select(Campaign).where(Campaign.slug == slug)).first()
     if campaign is None:
         insert_fn = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -495,4 +680,15 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
         yield items[start : start + size]
 
 
-__all__ = ["ClaimedRow", "DeliveryLog", "Outcome", "PlanCounts", "new_worker_id"]
+__all__ = [
+    "ClaimedRow",
+    "DeliveryLog",
+    "PlanCounts",
+    "Record",
+    "campaign_id_of",
+    "check_templates",
+    "forget_addresses",
+    "mark_bounced",
+    "new_worker_id",
+    "open_campaign",
+]

@@ -14,12 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import LANGUAGES, RsvpAnswer
 from clara_mailer.optouts import suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Recipient, Rsvp, utcnow
 
-LANGUAGES = ("es", "en")
-ANSWERS = ("yes", "no")
+ANSWERS = tuple(RsvpAnswer)
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,12 @@ def record_rsvp(db: Database, target: LinkTarget, answer: str) -> None:
                     Rsvp(
                         campaign_id=target.campaign_id,
                         recipient_id=target.recipient_id,
-                        answer=answer,
+                        answer=RsvpAnswer(answer),
                         answered_at=utcnow(),
                     )
                 )
             else:
-                row.answer, row.answered_at = answer, utcnow()
+                row.answer, row.answered_at = RsvpAnswer(answer), utcnow()
 
     try:
         store()

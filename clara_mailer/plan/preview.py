@@ -5,40 +5,58 @@ The campaign id in tokens is the ``campaigns`` row id when a send has created it
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import dataclasses
 
 from clara_mailer.compose.campaigns import load_campaign
-from clara_mailer.compose.render import SAMPLE, RecipientView, Renderer, message_parts
+from clara_mailer.compose.render import RecipientView, Renderer, message_parts
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.deliverylog.log import campaign_id_of
+from clara_mailer.registry.recipients import find_recipient, require_segment
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Campaign, Recipient
 
 FORMATS = ("html", "text", "eml")
+#: A sample recipient per language whose name, organisation and address agree.
+SAMPLES = {
+    "es": RecipientView(
+        0,
+        "ana.perez@policia-ejemplo.example",
+        "Ana María Pérez",
+        "Policía Local de Ejemplo",
+        "es",
+        "",
+        "ejemplo: directorio público de la entidad",
+    ),
+    "en": RecipientView(
+        0,
+        "alex.morgan@police-example.example",
+        "Alex Morgan",
+        "Example City Police",
+        "en",
+        "",
+        "example: the organisation's public directory",
+    ),
+}
 
 
-def campaign_id(db: Database, slug: str) -> int:
-    with db.session() as s:
-        found = s.scalars(select(Campaign.id).where(Campaign.slug == slug)).first()
-    return found or 0
-
-
-def find_recipient(db: Database, address: str, segments: tuple[str, ...]) -> RecipientView:
+def _recipient_view(db: Database, address: str, segments: tuple[str, ...]) -> RecipientView:
     """The registry's recipient with ``address``; segment: the first the campaign targets."""
-    key = address.strip().casefold()
     with db.session() as s:
-        row = s.scalars(select(Recipient).where(Recipient.email_key == key)).first()
+        row = find_recipient(s, address)
         if row is None:
             raise NotFound(f"no recipient {address!r} in the registry")
         own = [seg.slug for seg in row.segments]
         segment = next((x for x in own if x in segments), own[0] if own else "")
-        return RecipientView(row.id, row.email, row.name, row.organisation, row.language, segment)
+        return RecipientView(
+            row.id, row.email, row.name, row.organisation, row.language, segment, row.consent_source
+        )
 
 
 def preview(
-    settings: Settings,
     db: Database,
+    settings: Settings,
+    signer: TokenSigner,
     slug: str,
     *,
     address: str | None = None,
@@ -51,23 +69,22 @@ def preview(
         raise InputError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     defn = load_campaign(settings, slug)
     if address is not None:
-        recipient = find_recipient(db, address, defn.default_segments)
+        recipient = _recipient_view(db, address, defn.default_segments)
     else:
         language = language or defn.languages[0]
         if language not in defn.languages:
             raise InputError(
                 f"campaign {slug} has no {language!r} version ({', '.join(defn.languages)})"
             )
-        recipient = RecipientView(
-            SAMPLE.id,
-            SAMPLE.email,
-            SAMPLE.name if language == "es" else "Alex Morgan",
-            SAMPLE.organisation if language == "es" else "City Council",
-            language,
-            segment if segment is not None else (defn.default_segments or ("",))[0],
+        if segment is not None:
+            require_segment(db, segment)
+        sample = SAMPLES.get(language, SAMPLES["en"])
+        recipient = dataclasses.replace(
+            sample,
+            language=language,
+            segment=segment if segment is not None else (defn.default_segments or ("",))[0],
         )
-    signer = TokenSigner(db.secret_key(settings))
-    renderer = Renderer(defn, settings, signer, campaign_id(db, slug))
+    renderer = Renderer(defn, settings, signer, campaign_id_of(db, slug))
     data = renderer.render(recipient, smtputf8=not recipient.email.split("@")[0].isascii())
     if fmt == "eml":
         return data

@@ -22,6 +22,7 @@ DELIMITERS = (",", ";", "\t")
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
 _SCAN_CHUNK = 1 << 20
 _UTF8_BOM = codecs.BOM_UTF8
+_HIGH_BYTES = bytes(range(0x80, 0x100))
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ def detect_encoding(path: Path) -> str:
     if utf8_error is None:
         return "utf-8-sig" if bom else "utf-8"
     # Not UTF-8: a Spanish Excel writes Windows-1252. Five byte values are undefined
-    # there; a file using them is neither encoding.
+    # there; a file using them is neither encoding. A file whose non-ASCII characters are
+    # mostly well-formed UTF-8 is UTF-8 with some lines pasted from elsewhere: reading it
+    # as Windows-1252 would garble every UTF-8 name (José -> JosÃ©), so it is refused.
+    utf8_chars = stray_bytes = 0
     try:
         with path.open("rb") as stream:
             cp_decoder = codecs.getincrementaldecoder("cp1252")()
@@ -119,9 +123,25 @@ def detect_encoding(path: Path) -> str:
                     raise UnreadableFile(
                         "neither UTF-8 nor Windows-1252 text", path=name, line=line, column=column
                     ) from None
+                # Decoded as UTF-8 with U+FFFD for each stray byte: every other non-ASCII
+                # character was a well-formed UTF-8 sequence.
+                ascii_bytes = len(chunk.translate(None, _HIGH_BYTES))
+                as_utf8 = chunk.decode("utf-8", "replace")
+                stray = as_utf8.count("\ufffd")
+                stray_bytes += stray
+                utf8_chars += len(as_utf8) - ascii_bytes - stray
                 lines_before += chunk.count(b"\n")
     except OSError as exc:  # pragma: no cover - the file vanished between two reads
         raise UnreadableFile(f"cannot read: {exc.strerror}", path=name) from None
+    if utf8_chars >= stray_bytes:
+        line, column = utf8_error
+        raise UnreadableFile(
+            "mixed encodings: the file is mostly UTF-8 but this line is not "
+            "(Windows-1252?); fix the line or save the whole file as 'CSV UTF-8'",
+            path=name,
+            line=line,
+            column=column,
+        )
     return "cp1252"
 
 

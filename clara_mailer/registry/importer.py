@@ -14,12 +14,11 @@ import functools
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO, cast
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
@@ -36,10 +35,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from clara_mailer.core.csvsafe import safe_cell
-from clara_mailer.core.errors import DatabaseError, InputError, NotFound
+from clara_mailer.core.errors import DatabaseError, InputError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import PERSONAL_OPT_OUTS
 from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.registry.addresses import AddressError, AddressValidator, email_key
 from clara_mailer.registry.csvinput import CsvTable
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Recipient, Segment, Suppression, recipient_segments, utcnow
@@ -58,7 +59,6 @@ FIELDS = (
     "consent_basis",
     "consent_source",
 )
-LANGUAGES = ("es", "en")
 CONSENT_BASES = (
     "consent",
     "contract",
@@ -67,7 +67,6 @@ CONSENT_BASES = (
     "public-task",
     "legitimate-interest",
 )
-OPT_OUT_REASONS = frozenset({"unsubscribe", "one-click", "manual"})
 REJECTS_SUFFIX = ".rejects.csv"
 SAMPLE_REJECTS = 20
 SUPPRESSIONS_IN_MEMORY = 100_000
@@ -152,67 +151,6 @@ _BASIS_VALUES = {header_key(v): v for v in CONSENT_BASES} | {
     header_key("contrato"): "contract",
     header_key("obligación legal"): "legal-obligation",
 }
-
-
-# --- addresses -----------------------------------------------------------------------
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
-
-
-class AddressError(ValueError):
-    """An address email-validator refuses; the message is its reason."""
-
-
-class AddressValidator:
-    """email-validator (offline), with a fast path proven equal to it by a test.
-
-    email-validator costs ~27 µs an address, half a million-row import budget. An ASCII
-    dot-atom local part is accepted unchanged by it, so only the domain needs its
-    verdict, and a registry has few domains: cache them. Anything else goes the slow way.
-    """
-
-    def __init__(self, cache_size: int = 50_000) -> None:
-        self._domains: dict[str, str | None] = {}
-        self._cache_size = cache_size
-
-    @staticmethod
-    def _validate(address: str) -> str:
-        try:
-            return validate_email(address, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            raise AddressError(str(exc)) from None
-
-    def _domain(self, domain: str) -> str | None:
-        try:
-            return self._domains[domain]
-        except KeyError:
-            pass
-        if len(self._domains) >= self._cache_size:
-            self._domains.clear()
-        try:
-            normal: str | None = self._validate(f"a@{domain}").rpartition("@")[2]
-        except AddressError:
-            normal = None
-        self._domains[domain] = normal
-        return normal
-
-    def normalise(self, raw: str) -> str:
-        """The normalised address, or AddressError with email-validator's reason."""
-        address = raw.strip()
-        local, at, domain = address.rpartition("@")
-        if at and len(local) <= 64 and domain.isascii() and _DOT_ATOM.fullmatch(local):
-            normal_domain = self._domain(domain)
-            if normal_domain is not None:
-                result = f"{local}@{normal_domain}"
-                if len(result) <= 254:
-                    return result
-        return self._validate(address)
-
-
-def email_key(normalised: str) -> str:
-    """The identity used for de-duplication: the case-folded normalised address."""
-    return normalised.casefold()
 
 
 # --- import --------------------------------------------------------------------------
@@ -352,6 +290,32 @@ def slugify(text: str) -> str:
     return header_key(text).replace(" ", "-")
 
 
+#: What a segment slug may be: users type it on the command line.
+SLUG_SHAPE = re.compile(r"[a-z0-9-]{1,64}")
+#: Line and paragraph breaks become a space: a name is one line of a greeting.
+_BREAKS = frozenset("\r\n\t\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+#: Bidirectional controls (U+202E turns "evil" into "live" on screen): dropped.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e") | frozenset(
+    "\u2066\u2067\u2068\u2069"
+)
+
+
+def clean_text(text: str) -> str:
+    """A name or organisation without control characters: breaks become one space,
+    other C0/C1 controls and bidi controls are dropped."""
+    if text.isprintable():  # the common case: nothing to clean
+        return text
+    out = []
+    for char in text:
+        if char in _BREAKS:
+            out.append(" ")
+        elif char in _BIDI_CONTROLS or unicodedata.category(char) == "Cc":
+            continue
+        else:
+            out.append(char)
+    return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
 class _RejectsWriter:
     """Rejected rows, original columns + line + reason, beside the input.
 
@@ -464,7 +428,13 @@ class _FileImport:
             session.execute(text("PRAGMA cache_size = -32000"))
         self.default_segments: frozenset[str] = frozenset()
         if options.segment is not None:
-            self.default_segments = frozenset({self._segment_slug(options.segment)})
+            try:
+                self.default_segments = frozenset({self._segment_slug(options.segment)})
+            except ValueError:
+                raise InputError(
+                    f"--segment {options.segment[:80]!r}: a new segment's slug is 1 to 64 "
+                    "lowercase letters, digits and hyphens"
+                ) from None
 
     # -- rows ----------------------------------------------------------------------
 
@@ -486,7 +456,9 @@ class _FileImport:
             return named
         if not self.options.create_segments or not slug:
             raise KeyError(value)
-        self.new_segment_names.setdefault(slug, value.strip())
+        if not SLUG_SHAPE.fullmatch(slug):
+            raise ValueError(value)
+        self.new_segment_names.setdefault(slug, clean_text(value.strip()))
         return slug
 
     def _segment_cell(self, cell: str) -> frozenset[str]:
@@ -570,6 +542,14 @@ class _FileImport:
                 hint = "" if self.options.create_segments else " (add --create-segments)"
                 self.reject(line, fields, f"unknown segment {exc.args[0].strip()!r}{hint}")
                 return None
+            except ValueError as exc:
+                self.reject(
+                    line,
+                    fields,
+                    f"segment {exc.args[0].strip()[:80]!r} cannot be a new segment: a slug is "
+                    "1 to 64 lowercase letters, digits and hyphens",
+                )
+                return None
         else:
             segments = self.default_segments
         if not segments:
@@ -580,12 +560,12 @@ class _FileImport:
             fields=fields,
             email=email,
             key=email_key(email),
-            name=name,
-            organisation=organisation,
+            name=clean_text(name),
+            organisation=clean_text(organisation),
             language=language,
             country=country,
             consent_basis=basis,
-            consent_source=source or self.default_source,
+            consent_source=clean_text(source) or self.default_source,
             segments=segments,
         )
 
@@ -613,7 +593,7 @@ class _FileImport:
             opted = {h: self.suppressed[h] for h in hashes.keys() & self.suppressed.keys()}
         for address_hash, reason in opted.items():
             row = by_key.pop(hashes[address_hash])
-            why = "opted out" if reason in OPT_OUT_REASONS else f"suppressed ({reason})"
+            why = "opted out" if reason in PERSONAL_OPT_OUTS else f"suppressed ({reason})"
             self.reject(row.line, row.fields, why)
 
         existing: dict[str, tuple[int, str, str]] = {}
@@ -770,35 +750,45 @@ def _check_segment_option(db: Database, options: ImportOptions) -> None:
 def import_files(
     db: Database,
     settings: Settings,
+    signer: TokenSigner,
     paths: Sequence[Path],
     options: ImportOptions,
     progress: ImportProgress | None = None,
 ) -> list[ImportReport]:
-    """Import each file in its own transaction; every file is sniffed before any is written.
+    """Import each file in its own transaction.
 
-    Raises UnreadableFile / InputError for a file that cannot be read as a table
-    (files imported before the one that failed mid-way stay imported).
+    A file that cannot be read as a table (UnreadableFile / InputError, when sniffed or
+    mid-way) imports nothing and the others are still imported; then the error is raised:
+    the file's own, or an InputError with one line per file, each naming it.
     """
     _parse_column_options(options.columns)
     _check_segment_option(db, options)
-    plans: list[tuple[CsvTable, dict[str, int]] | Path] = []
-    for path in paths:
-        if path.name.endswith(REJECTS_SUFFIX):
-            plans.append(path)
-            continue
-        table = CsvTable(path)
-        plans.append((table, map_columns(table, options.columns)))
-    signer = TokenSigner(db.secret_key(settings))
     validator = AddressValidator()
     reports = []
-    for plan in plans:
-        if isinstance(plan, Path):
-            report = ImportReport(plan, skipped="a rejects file written by an earlier import")
+    failed: list[tuple[Path, InputError]] = []
+    for path in paths:
+        if path.name.endswith(REJECTS_SUFFIX):
+            report = ImportReport(path, skipped="a rejects file written by an earlier import")
         else:
-            report = _import_table(db, plan[0], plan[1], options, signer, validator, progress)
+            try:
+                table = CsvTable(path)
+                columns = map_columns(table, options.columns)
+                report = _import_table(db, table, columns, options, signer, validator, progress)
+            except InputError as exc:
+                failed.append((path, exc))
+                continue
         reports.append(report)
         if progress is not None:
             progress.finish(report)
+    if len(failed) == 1 and str(failed[0][1]).startswith(str(failed[0][0])):
+        raise failed[0][1]
+    if failed:
+        raise InputError(
+            "\n".join(
+                str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+                for path, exc in failed
+            )
+        )
     return reports
 
 
@@ -845,90 +835,3 @@ def _import_table(
     if rejects is not None:
         report.rejects_path = rejects.finish()
     return report
-
-
-# --- segments and recipients ---------------------------------------------------------
-
-
-def list_segments(db: Database) -> list[dict[str, Any]]:
-    """Every segment with its member count, by slug."""
-    count = func.count(MEMBERS.c.recipient_id)
-    query = (
-        select(Segment.slug, Segment.name, count.label("members"))
-        .outerjoin(MEMBERS, MEMBERS.c.segment_id == Segment.id)
-        .group_by(Segment.id, Segment.slug, Segment.name)
-        .order_by(Segment.slug)
-    )
-    with db.session() as session:
-        return [dict(row._mapping) for row in session.execute(query)]
-
-
-RECIPIENT_COLUMNS = [
-    "email",
-    "name",
-    "organisation",
-    "language",
-    "country",
-    "segments",
-    "consent_basis",
-    "consent_source",
-    "created_at",
-    "updated_at",
-]
-
-
-def _segments_of(session: Session, ids: Iterable[int]) -> dict[int, list[str]]:
-    wanted = list(ids)
-    out: dict[int, list[str]] = {}
-    for start in range(0, len(wanted), 1000):
-        query = (
-            select(MEMBERS.c.recipient_id, Segment.slug)
-            .join(Segment, Segment.id == MEMBERS.c.segment_id)
-            .where(MEMBERS.c.recipient_id.in_(wanted[start : start + 1000]))
-            .order_by(Segment.slug)
-        )
-        for rid, slug in session.execute(query):
-            out.setdefault(rid, []).append(slug)
-    return out
-
-
-def _recipient_dict(row: Any, segments: list[str]) -> dict[str, Any]:
-    data = {c: None if c == "segments" else getattr(row, c) for c in RECIPIENT_COLUMNS}
-    data["segments"] = ";".join(segments)
-    for stamp in ("created_at", "updated_at"):
-        data[stamp] = getattr(row, stamp).isoformat(sep=" ", timespec="seconds")
-    return data
-
-
-def list_recipients(db: Database, segment: str | None = None) -> list[dict[str, Any]]:
-    """Recipients by address (optionally one segment's), with their segments."""
-    with db.session() as session:
-        query = select(Recipient).order_by(Recipient.email_key)
-        if segment is not None:
-            seg_id = session.scalar(select(Segment.id).where(Segment.slug == segment))
-            if seg_id is None:
-                known = ", ".join(session.scalars(select(Segment.slug).order_by(Segment.slug)))
-                raise NotFound(f"no segment {segment!r} (known: {known})")
-            query = query.where(
-                Recipient.id.in_(
-                    select(MEMBERS.c.recipient_id).where(MEMBERS.c.segment_id == seg_id)
-                )
-            )
-        rows = list(session.scalars(query))
-        segments = _segments_of(session, (r.id for r in rows))
-        return [_recipient_dict(r, segments.get(r.id, [])) for r in rows]
-
-
-def show_recipient(db: Database, address: str) -> dict[str, Any]:
-    """Everything the registry holds about one address, or NotFound."""
-    try:
-        key = email_key(AddressValidator().normalise(address))
-    except AddressError:
-        key = address.strip().casefold()
-    with db.session() as session:
-        recipient = session.scalars(select(Recipient).where(Recipient.email_key == key)).first()
-        if recipient is None:
-            raise NotFound(f"no recipient {address.strip()!r} in the registry")
-        return _recipient_dict(
-            recipient, _segments_of(session, [recipient.id]).get(recipient.id, [])
-        )

@@ -1,4 +1,5 @@
-"""The HTML report: one self-contained page (no network, no JavaScript) with inline SVG.
+"""The HTML report: one self-contained page (no network, no JavaScript) with inline SVG,
+returned as a string (the caller decides where it goes).
 
 The chart geometry (every bar's position and size) is computed here; the page template
 ``templates/report/report.html.j2`` only places it, with Jinja autoescape on, so a reply
@@ -7,25 +8,26 @@ text or a segment name can never become markup.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
 from clara_mailer.core.resources import REPORT_TEMPLATES
-from clara_mailer.reporting.report import STATUSES, TOP_FAILURES, CampaignReport, percent
+from clara_mailer.core.vocabulary import Status
+from clara_mailer.reporting.report import TOP_FAILURES, CampaignReport, percent
 
 #: One colour per state, distinguishable in print (with the legend and labels).
 COLOURS = {
-    "sent": "#2e7d32",
-    "deferred": "#f9a825",
-    "failed": "#c62828",
-    "bounced": "#6a1b9a",
-    "unknown": "#546e7a",
-    "skipped": "#90a4ae",
-    "queued": "#1565c0",
-    "sending": "#4fc3f7",
+    Status.SENT: "#2e7d32",
+    Status.DEFERRED: "#f9a825",
+    Status.FAILED: "#c62828",
+    Status.BOUNCED: "#6a1b9a",
+    Status.UNKNOWN: "#546e7a",
+    Status.SKIPPED: "#90a4ae",
+    Status.QUEUED: "#1565c0",
+    Status.SENDING: "#4fc3f7",
 }
 
 CHART_WIDTH = 760
@@ -109,7 +111,8 @@ def timeline_chart(report: CampaignReport) -> Chart:
         h = plot_h * n / peak
         width = min(max(step * 0.8, 1.0), 40.0)
         x = left + i * step + (step - width) / 2
-        bars.append(Bar(x, top + plot_h - h, width, h, COLOURS["sent"], f"{at}: {n}", "sent"))
+        title = f"{at}: {n}"
+        bars.append(Bar(x, top + plot_h - h, width, h, COLOURS[Status.SENT], title, Status.SENT))
     if points:
         bottom = top + plot_h + 16
         labels.append(Label(left, bottom, points[0][0]))
@@ -133,9 +136,7 @@ def failure_chart(report: CampaignReport) -> Chart:
         text = f"{f.status}: {code}{f.reply}"
         labels.append(Label(0, y + 12, text[:110] + ("…" if len(text) > 110 else "")))
         width = span * f.count / biggest
-        bars.append(
-            Bar(0, y + 16, width, BAR_HEIGHT - 6, COLOURS.get(f.status, "#999"), text, f.status)
-        )
+        bars.append(Bar(0, y + 16, width, BAR_HEIGHT - 6, COLOURS[f.status], text, f.status))
         labels.append(Label(width + 6, y + 16 + (BAR_HEIGHT - 6) * 0.75, str(f.count)))
     height = GAP + len(groups) * row_h
     return Chart(
@@ -158,7 +159,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render_html(report: CampaignReport, rows: Iterator[dict[str, Any]] | None = None) -> str:
+def render_html(report: CampaignReport, rows: Iterable[Mapping[str, Any]] | None = None) -> str:
     """The whole page as text; ``rows`` (a ``--status`` listing) adds a recipients table."""
     statuses = report.shown_statuses()
     return (
@@ -167,7 +168,7 @@ def render_html(report: CampaignReport, rows: Iterator[dict[str, Any]] | None = 
         .render(
             r=report,
             statuses=statuses,
-            all_statuses=STATUSES,
+            all_statuses=list(Status),
             colours=COLOURS,
             percent=percent,
             charts=[segment_chart(report), timeline_chart(report), failure_chart(report)],

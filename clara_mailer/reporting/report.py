@@ -1,36 +1,39 @@
-"""Delivery reports: figures from the delivery log, as a terminal summary, CSV or JSON.
+"""Delivery reports as data: the figures of one campaign from its delivery log.
 
 Every figure comes from a handful of aggregate queries (GROUP BY in the database) over
 ``deliveries``, ``bounces``, ``suppressions`` and ``rsvps``; no delivery row is loaded
-into Python except by the listings (``--status``, CSV), which stream. The HTML page is
-report_html.py, drawn from the same ``CampaignReport``.
+into Python except by the listing (``delivery_rows``), which streams. Nothing here
+prints or writes a file: ``exports.py`` turns the figures into JSON and CSV on a stream
+the caller gives, ``html.py`` into a page, and the CLI (``cli/report_view.py``) into
+terminal tables.
 
-The JSON document (``--format json``) is stable: keys are only ever added.
+The JSON document (``CampaignReport.as_json``) is stable: keys are only ever added.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import re
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any, TextIO
+from enum import StrEnum
+from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 from sqlalchemy import ColumnElement, String, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from clara_mailer.core.csvsafe import write_csv
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.settings import Settings
+from clara_mailer.core.vocabulary import (
+    PERSONAL_OPT_OUTS,
+    PROBLEM_STATUSES,
+    BounceKind,
+    CampaignKind,
+    OptOutReason,
+    RsvpAnswer,
+    Status,
+    choices,
+)
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import (
     Bounce,
@@ -38,32 +41,10 @@ from clara_mailer.store.models import (
     Delivery,
     Recipient,
     Rsvp,
-    Status,
     Suppression,
     utcnow,
 )
 
-#: Every delivery state, in the order reports show them.
-STATUSES: tuple[str, ...] = (
-    Status.SENT,
-    Status.DEFERRED,
-    Status.FAILED,
-    Status.BOUNCED,
-    Status.UNKNOWN,
-    Status.SKIPPED,
-    Status.QUEUED,
-    Status.SENDING,
-)
-#: States whose last SMTP reply explains a problem.
-PROBLEM_STATUSES: tuple[str, ...] = (
-    Status.FAILED,
-    Status.DEFERRED,
-    Status.BOUNCED,
-    Status.UNKNOWN,
-)
-#: Suppression reasons that are a person's choice (the rest are bounces and erasures).
-OPTOUT_REASONS = ("unsubscribe", "one-click", "complaint", "manual")
-FORMATS = ("table", "csv", "json", "html")
 TOP_FAILURES = 10
 
 #: Columns of the CSV export and of the ``--status`` listing, one row per delivery.
@@ -95,7 +76,7 @@ _ADDRESS = re.compile(r"<?[^\s<>@\"]+@[^\s<>\"]+>?")
 class FailureGroup:
     """Deliveries in one problem state whose last replies read the same."""
 
-    status: str
+    status: Status
     code: int | None
     reply: str
     count: int
@@ -116,20 +97,20 @@ class RetrySummary:
 @dataclass(frozen=True)
 class BounceSummary:
     total: int
-    by_kind: dict[str, int]
-    codes: list[tuple[str, str, int]]  # (kind, status code, count), most first
+    by_kind: dict[BounceKind, int]
+    codes: list[tuple[BounceKind, str, int]]  # (kind, status code, count), most first
 
     @property
     def policy(self) -> int:
         """Bounces that speak of the sender (5.7.x): an alert, not the recipient's fault."""
-        return self.by_kind.get("policy", 0)
+        return self.by_kind.get(BounceKind.POLICY, 0)
 
 
 @dataclass(frozen=True)
 class OptOutSummary:
     active: int
     lifted: int
-    by_reason: dict[str, int]  # active ones only
+    by_reason: dict[OptOutReason, int]  # active ones only
 
 
 @dataclass(frozen=True)
@@ -143,37 +124,39 @@ class Timeline:
 @dataclass
 class CampaignReport:
     slug: str
-    kind: str
+    kind: CampaignKind
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     segment_filter: str | None
     generated_at: dt.datetime
-    segments: dict[str, dict[str, int]]
+    segments: dict[str, dict[Status, int]]
     failures: list[FailureGroup]
     retry: RetrySummary
     bounces: BounceSummary
     optouts: OptOutSummary
-    rsvps: dict[str, int] | None
+    rsvps: dict[RsvpAnswer, int] | None
     timeline: Timeline
-    totals: dict[str, int] = field(init=False)
+    #: Every state (``Status`` order, zeros included) -> deliveries in it.
+    totals: dict[Status, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.totals = {s: sum(c.get(s, 0) for c in self.segments.values()) for s in STATUSES}
+        self.totals = _totals(self.segments)
 
     @property
     def total(self) -> int:
         return sum(self.totals.values())
 
-    def shown_statuses(self) -> list[str]:
+    def shown_statuses(self) -> list[Status]:
         """``sent`` and every state that occurs: the columns a summary shows."""
-        return [s for s in STATUSES if s == Status.SENT or self.totals[s]]
+        return [s for s in Status if s == Status.SENT or self.totals[s]]
 
     def as_json(self) -> dict[str, Any]:
+        """The figures as plain JSON values (the document README.md describes)."""
         return {
             "campaign": {
                 "slug": self.slug,
-                "kind": self.kind,
+                "kind": self.kind.value,
                 "created_at": _iso(self.created_at),
                 "started_at": _iso(self.started_at),
                 "finished_at": _iso(self.finished_at),
@@ -181,13 +164,13 @@ class CampaignReport:
             "segment_filter": self.segment_filter,
             "generated_at": _iso(self.generated_at),
             "total": self.total,
-            "totals": dict(self.totals),
+            "totals": _plain(self.totals),
             "segments": {
-                seg: {s: counts.get(s, 0) for s in STATUSES}
+                seg: {s.value: counts.get(s, 0) for s in Status}
                 for seg, counts in sorted(self.segments.items())
             },
             "failures": [
-                {"status": f.status, "code": f.code, "reply": f.reply, "count": f.count}
+                {"status": f.status.value, "code": f.code, "reply": f.reply, "count": f.count}
                 for f in self.failures
             ],
             "retry": {
@@ -203,22 +186,35 @@ class CampaignReport:
             "optouts": {
                 "active": self.optouts.active,
                 "lifted": self.optouts.lifted,
-                "by_reason": dict(self.optouts.by_reason),
+                "by_reason": _plain(self.optouts.by_reason),
             },
             "bounces": {
                 "total": self.bounces.total,
-                "by_kind": dict(self.bounces.by_kind),
+                "by_kind": _plain(self.bounces.by_kind),
                 "codes": [
-                    {"kind": k, "status_code": c, "count": n} for k, c, n in self.bounces.codes
+                    {"kind": k.value, "status_code": c, "count": n}
+                    for k, c, n in self.bounces.codes
                 ],
                 "policy": self.bounces.policy,
             },
-            "rsvps": dict(self.rsvps) if self.rsvps is not None else None,
+            "rsvps": _plain(self.rsvps) if self.rsvps is not None else None,
             "timeline": {
                 "unit": self.timeline.unit,
                 "sent": [{"at": at, "count": n} for at, n in self.timeline.points],
             },
         }
+
+
+_Word = TypeVar("_Word", bound=StrEnum)
+
+
+def _totals(segments: dict[str, dict[Status, int]]) -> dict[Status, int]:
+    return {s: sum(c.get(s, 0) for c in segments.values()) for s in Status}
+
+
+def _plain(counts: Mapping[_Word, int]) -> dict[str, int]:
+    """``counts`` keyed by the words themselves, for JSON."""
+    return {key.value: n for key, n in counts.items()}
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -256,9 +252,24 @@ def build_report(
             retry=scope.retry(s, now, segments),
             bounces=scope.bounces(s),
             optouts=scope.optouts(s),
-            rsvps=scope.rsvps(s) if campaign.kind == "invitation" else None,
+            rsvps=scope.rsvps(s) if campaign.kind == CampaignKind.INVITATION else None,
             timeline=scope.timeline(s),
         )
+
+
+def check_scope(db: Database, slug: str, segment: str | None = None) -> None:
+    """Raise ``NotFound`` unless campaign ``slug`` has a log (with deliveries in
+    ``segment``): what ``build_report`` checks first, for a caller that needs no figures."""
+    with db.session() as s:
+        _check_segment(s, find_campaign(s, slug), segment)
+
+
+def parse_status(value: str) -> Status:
+    """``value`` as a delivery state, or ``InputError`` naming the states."""
+    try:
+        return Status(value)
+    except ValueError:
+        raise InputError(f"unknown status {value!r} (one of: {choices(Status)})") from None
 
 
 def _check_segment(s: Session, campaign: Campaign, segment: str | None) -> None:
@@ -292,13 +303,13 @@ class _Scope:
             conditions.append(Delivery.segment == self.segment)
         return conditions
 
-    def segment_counts(self, s: Session) -> dict[str, dict[str, int]]:
+    def segment_counts(self, s: Session) -> dict[str, dict[Status, int]]:
         query = (
             select(Delivery.segment, Delivery.status, func.count())
             .where(*self._filters())
             .group_by(Delivery.segment, Delivery.status)
         )
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[Status, int]] = {}
         for seg, status, count in s.execute(query):
             out.setdefault(seg, {})[status] = count
         return out
@@ -310,7 +321,7 @@ class _Scope:
             .group_by(Delivery.status, Delivery.smtp_code, Delivery.smtp_reply)
         )
         # Replies that differ only by the address they quote are one group.
-        merged: dict[tuple[str, int | None, str], int] = {}
+        merged: dict[tuple[Status, int | None, str], int] = {}
         for status, code, reply, count in s.execute(query):
             key = (status, code, _ADDRESS.sub("<address>", (reply or "").strip())[:300])
             merged[key] = merged.get(key, 0) + count
@@ -318,7 +329,7 @@ class _Scope:
         return [FailureGroup(st, code, reply, n) for (st, code, reply), n in ranked[:TOP_FAILURES]]
 
     def retry(
-        self, s: Session, now: dt.datetime, counts: dict[str, dict[str, int]]
+        self, s: Session, now: dt.datetime, counts: dict[str, dict[Status, int]]
     ) -> RetrySummary:
         deferred = Delivery.status == Status.DEFERRED
         deferred_count, due_now, next_at, last_at = s.execute(
@@ -336,7 +347,7 @@ class _Scope:
             .group_by(hour)
             .order_by(hour)
         ).all()
-        total = {st: sum(c.get(st, 0) for c in counts.values()) for st in STATUSES}
+        total = _totals(counts)
         return RetrySummary(
             deferred=deferred_count,
             due_now=due_now,
@@ -359,7 +370,7 @@ class _Scope:
                 Delivery.segment == self.segment
             )
         rows = s.execute(query).all()
-        by_kind: dict[str, int] = {}
+        by_kind: dict[BounceKind, int] = {}
         for kind, _code, count in rows:
             by_kind[kind] = by_kind.get(kind, 0) + count
         codes = sorted(((k, c or "", n) for k, c, n in rows), key=lambda r: (-r[2], r[0], r[1]))
@@ -372,11 +383,11 @@ class _Scope:
             select(Suppression.reason, Suppression.lifted_at.is_(None), func.count())
             .where(
                 Suppression.campaign_id == self.campaign_id,
-                Suppression.reason.in_(OPTOUT_REASONS),
+                Suppression.reason.in_(PERSONAL_OPT_OUTS),
             )
             .group_by(Suppression.reason, Suppression.lifted_at.is_(None))
         ).all()
-        by_reason: dict[str, int] = {}
+        by_reason: dict[OptOutReason, int] = {}
         lifted = 0
         for reason, active, count in rows:
             if active:
@@ -385,7 +396,7 @@ class _Scope:
                 lifted += count
         return OptOutSummary(sum(by_reason.values()), lifted, by_reason)
 
-    def rsvps(self, s: Session) -> dict[str, int]:
+    def rsvps(self, s: Session) -> dict[RsvpAnswer, int]:
         query = (
             select(Rsvp.answer, func.count())
             .where(Rsvp.campaign_id == self.campaign_id)
@@ -397,7 +408,7 @@ class _Scope:
                 (Delivery.campaign_id == Rsvp.campaign_id)
                 & (Delivery.recipient_id == Rsvp.recipient_id),
             ).where(Delivery.segment == self.segment)
-        answers = {"yes": 0, "no": 0}
+        answers = dict.fromkeys(RsvpAnswer, 0)
         answers.update({answer: count for answer, count in s.execute(query)})
         return answers
 
@@ -472,15 +483,12 @@ def _buckets(first: dt.datetime, last: dt.datetime, unit: str) -> list[str]:
 
 # -- campaigns overview -------------------------------------------------------------------
 
+#: The figures ``campaigns`` adds to a definition: every state but those of a run in
+#: progress (the rows carry those too), then the opt-outs since.
 OVERVIEW_COLUMNS = [
     "started_at",
     "finished_at",
-    "sent",
-    "deferred",
-    "failed",
-    "bounced",
-    "unknown",
-    "skipped",
+    *(s.value for s in Status if s not in (Status.QUEUED, Status.SENDING)),
     "opted_out",
 ]
 
@@ -493,7 +501,7 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
     """
     del settings
     with db.session() as s:
-        counts: dict[int, dict[str, int]] = {}
+        counts: dict[int, dict[Status, int]] = {}
         for campaign_id, status, count in s.execute(
             select(Delivery.campaign_id, Delivery.status, func.count()).group_by(
                 Delivery.campaign_id, Delivery.status
@@ -505,7 +513,7 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
                 select(Suppression.campaign_id, func.count())
                 .where(
                     Suppression.campaign_id.is_not(None),
-                    Suppression.reason.in_(OPTOUT_REASONS),
+                    Suppression.reason.in_(PERSONAL_OPT_OUTS),
                     Suppression.lifted_at.is_(None),
                 )
                 .group_by(Suppression.campaign_id)
@@ -518,11 +526,11 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
                 continue
             row: dict[str, Any] = {
                 "slug": c.slug,
-                "kind": c.kind,
-                "started_at": _minutes(c.started_at),
-                "finished_at": _minutes(c.finished_at),
+                "kind": c.kind.value,
+                "started_at": minutes(c.started_at),
+                "finished_at": minutes(c.finished_at),
             }
-            row.update({st: counts[c.id].get(st, 0) for st in STATUSES})
+            row.update({st.value: counts[c.id].get(st, 0) for st in Status})
             row["opted_out"] = opted_out.get(c.id, 0)
             rows.append(row)
     return rows
@@ -540,8 +548,14 @@ def merge_overview(
     return merged
 
 
-def _minutes(value: dt.datetime | None) -> str | None:
+def minutes(value: dt.datetime | None) -> str | None:
+    """A time to the minute, as reports show it (``None`` stays ``None``)."""
     return value.strftime("%Y-%m-%d %H:%M") if value is not None else None
+
+
+def percent(part: int, whole: int) -> str:
+    """``part`` as a share of ``whole`` (``12.5%``), or ``-`` of nothing."""
+    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 # -- listings (streamed) ------------------------------------------------------------------
@@ -554,8 +568,7 @@ def delivery_rows(
 
     Erased recipients keep their row with a blank address, name and organisation.
     """
-    if status is not None and status not in STATUSES:
-        raise InputError(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
+    wanted = parse_status(status) if status is not None else None
     with db.session() as s:
         campaign_id = find_campaign(s, slug).id
     query = (
@@ -582,8 +595,8 @@ def delivery_rows(
     )
     if segment is not None:
         query = query.where(Delivery.segment == segment)
-    if status is not None:
-        query = query.where(Delivery.status == status)
+    if wanted is not None:
+        query = query.where(Delivery.status == wanted)
     with db.engine.connect() as conn:
         for r in conn.execute(query):
             yield {
@@ -603,206 +616,3 @@ def delivery_rows(
                 "next_attempt_at": _iso(r.next_attempt_at),
                 "message_id": r.message_id,
             }
-
-
-# -- output -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    fmt: str = "table"
-    segment: str | None = None
-    status: str | None = None
-    output: Path | None = None
-
-
-def write_report(db: Database, slug: str, options: ReportOptions, console: Console) -> None:
-    """Write the report of ``slug`` in ``options.fmt`` to ``options.output`` (replaced
-    whole, never half-written) or, without one, to ``console`` / standard output."""
-    if options.fmt not in FORMATS:
-        raise InputError(f"unknown format {options.fmt!r} (one of: {', '.join(FORMATS)})")
-    if options.status is not None and options.status not in STATUSES:
-        raise InputError(f"unknown status {options.status!r} (one of: {', '.join(STATUSES)})")
-    # Everything that can fail on bad input (unknown campaign or segment) fails here,
-    # before any output file is opened. A CSV export needs no figures, only the rows.
-    if options.fmt == "csv":
-        with db.session() as s:
-            _check_segment(s, find_campaign(s, slug), options.segment)
-    else:
-        report = build_report(db, slug, segment=options.segment)
-
-    def listing() -> Iterator[dict[str, Any]]:
-        return delivery_rows(db, slug, segment=options.segment, status=options.status)
-
-    writers: dict[str, Callable[[TextIO], None]] = {
-        "csv": lambda out: write_csv(out, DELIVERY_COLUMNS, listing(), bom=True),
-        "json": lambda out: _write_json(out, report, listing() if options.status else None),
-        "html": lambda out: _write_html(out, report, listing() if options.status else None),
-        "table": lambda out: print_summary(
-            report,
-            Console(file=out, width=120, highlight=False) if out is not sys.stdout else console,
-            listing() if options.status else None,
-            options.status,
-        ),
-    }
-    write = writers[options.fmt]
-    if options.output is None:
-        write(sys.stdout)
-        sys.stdout.flush()
-    else:
-        with _replace_file(options.output) as out:
-            write(out)
-
-
-def _write_json(
-    out: IO[str], report: CampaignReport, rows: Iterator[dict[str, Any]] | None
-) -> None:
-    data = report.as_json()
-    if rows is not None:
-        data["recipients"] = list(rows)
-    json.dump(data, out, ensure_ascii=False, indent=2)
-    out.write("\n")
-
-
-def _write_html(
-    out: IO[str], report: CampaignReport, rows: Iterator[dict[str, Any]] | None
-) -> None:
-    from clara_mailer.reporting.html import render_html
-
-    out.write(render_html(report, rows))
-
-
-@contextmanager
-def _replace_file(path: Path) -> Iterator[TextIO]:
-    """A text file that appears at ``path`` only when complete (temp file + rename)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; give a file name for --output")
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# -- terminal summary ---------------------------------------------------------------------
-
-
-def percent(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
-
-
-def print_summary(
-    report: CampaignReport,
-    console: Console,
-    rows: Iterator[dict[str, Any]] | None = None,
-    status: str | None = None,
-) -> None:
-    """The terminal report: outcome tables, failures, retries, opt-outs, bounces, RSVPs;
-    with ``rows`` (a ``--status`` listing) the recipients in that state instead."""
-    scope = f", segment {report.segment_filter}" if report.segment_filter else ""
-    ran = f"started {_minutes(report.started_at) or 'never'}"
-    if report.finished_at:
-        ran += f", last run finished {_minutes(report.finished_at)}"
-    console.print(
-        f"[bold]{report.slug}[/bold] ({report.kind}{scope}): {report.total} deliveries, {ran} UTC"
-    )
-    if rows is not None:
-        _print_listing(console, rows, status or "", report.totals.get(status or "", 0))
-        return
-
-    statuses = report.shown_statuses()
-    outcomes = Table(title="Outcomes per segment")
-    outcomes.add_column("segment")
-    for st in statuses:
-        outcomes.add_column(st, justify="right")
-    outcomes.add_column("total", justify="right")
-    for seg, counts in sorted(report.segments.items()):
-        seg_total = sum(counts.values())
-        cells = [
-            f"{counts.get(st, 0)} ({percent(counts.get(st, 0), seg_total)})" for st in statuses
-        ]
-        outcomes.add_row(Text(seg or "(none)"), *cells, str(seg_total))
-    outcomes.add_row(
-        "[bold]all[/bold]",
-        *(f"{report.totals[st]} ({percent(report.totals[st], report.total)})" for st in statuses),
-        str(report.total),
-    )
-    console.print(outcomes)
-
-    if report.failures:
-        failures = Table(title=f"Most common problem replies (top {TOP_FAILURES})")
-        for column in ("status", "code", "reply", "count"):
-            failures.add_column(column, justify="right" if column == "count" else "left")
-        for f in report.failures:
-            failures.add_row(f.status, str(f.code or ""), Text(f.reply), str(f.count))
-        console.print(failures)
-
-    r = report.retry
-    if r.deferred or r.queued or r.sending or r.unknown:
-        lines = []
-        if r.deferred:
-            lines.append(
-                f"{r.deferred} deferred, {r.due_now} due now; next retry "
-                f"{_minutes(r.next_attempt_at)}, last {_minutes(r.last_attempt_at)} UTC "
-                f"(run `clara-mail send {report.slug}`)"
-            )
-        if r.queued or r.sending:
-            lines.append(f"{r.queued} queued and {r.sending} sending: not finished yet")
-        if r.unknown:
-            lines.append(
-                f"{r.unknown} unknown (in flight when a sender stopped): resend with "
-                f"`clara-mail send {report.slug} --resend-unknown`"
-            )
-        console.print("[bold]Still to do[/bold]")
-        for line in lines:
-            console.print(f"  {line}")
-
-    b = report.bounces
-    if b.total:
-        bounces = Table(title=f"Bounces ({b.total})")
-        for column in ("kind", "status code", "count"):
-            bounces.add_column(column, justify="right" if column == "count" else "left")
-        for kind, code, count in b.codes:
-            bounces.add_row(kind, Text(code), str(count))
-        console.print(bounces)
-    if b.policy:
-        console.print(
-            f"[bold red]Warning:[/bold red] {b.policy} policy bounce(s) (5.7.x): receivers "
-            "refused the sender (reputation, SPF/DKIM/DMARC), not the recipients; check "
-            "the sending domain before going on."
-        )
-    o = report.optouts
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(o.by_reason.items()))
-    note = f" ({reasons})" if reasons else ""
-    lifted = f"; {o.lifted} undone" if o.lifted else ""
-    console.print(f"Opt-outs from this campaign: {o.active}{note}{lifted}")
-    if report.rsvps is not None:
-        yes, no = report.rsvps.get("yes", 0), report.rsvps.get("no", 0)
-        console.print(f"RSVPs: {yes} yes, {no} no ({yes + no} answers)")
-
-
-def _print_listing(
-    console: Console, rows: Iterator[dict[str, Any]], status: str, expected: int
-) -> None:
-    table = Table(title=f"{expected} recipient(s) {status}")
-    columns = (
-        "email",
-        "organisation",
-        "segment",
-        "attempts",
-        "smtp_code",
-        "smtp_reply",
-        "last_attempt_at",
-    )
-    for column in columns:
-        table.add_column(column.replace("_", " "), overflow="fold")
-    for row in rows:
-        cells = {**row, "email": row["email"] or "(erased)"}
-        table.add_row(*(Text("" if cells.get(c) is None else str(cells[c])) for c in columns))
-    console.print(table)

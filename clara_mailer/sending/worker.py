@@ -1,11 +1,12 @@
-"""Sending a campaign: plan, claim, render, send, record.
+"""The sender: one worker's share of a campaign.
 
-``prepare_send`` plans the delivery rows (idempotent) and checks the campaign;
 ``run_send`` drives one worker: a producer claims leased batches from the delivery log,
-re-checks opt-outs, renders each message (per-variant preparation lives in render.py),
-commits ``sending`` and hands the bytes to a pool of transport connections; a recorder
-writes outcomes back in small batches. All SQL is in deliverylog.py; all SMTP in
-transport.py. Several workers (processes, machines) can run the same campaign at once.
+re-checks opt-outs, composes each message (per-variant preparation lives in
+``compose.render``), commits ``sending`` and hands the bytes to a pool of transport
+connections; a recorder writes outcomes back in small batches. Every write goes through
+the delivery log; every byte through a transport. Several workers (processes, machines)
+can run the same campaign at once; ``--processes N`` starts N-1 helper processes
+(``sending.processes``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import multiprocessing
-import os
-import queue
 import signal
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -25,75 +22,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from clara_mailer.compose.campaigns import CampaignDef, load_campaign, template_hash
-from clara_mailer.compose.render import RecipientView, Renderer, check_campaign
-from clara_mailer.core.errors import CheckFailed, MailerError, NotFound, SendError
+from clara_mailer.compose.campaigns import load_campaign
+from clara_mailer.compose.render import RecipientView, Renderer
+from clara_mailer.core.errors import MailerError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner, verp_address
-from clara_mailer.deliverylog.log import (
-    ClaimedRow,
-    DeliveryLog,
-    Outcome,
-    add_campaign_row,
-    segment_ids,
-)
-from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.core.vocabulary import Outcome, Status
+from clara_mailer.deliverylog.log import ClaimedRow, DeliveryLog, Record
+from clara_mailer.plan.plan import Plan, SendOptions
+from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.store.database import Database, open_database
-from clara_mailer.store.models import (
-    Campaign,
-    Delivery,
-    Recipient,
-    Segment,
-    Status,
-    recipient_segments,
-    utcnow,
-)
-from clara_mailer.transport.smtp import Connection, SendResult, Transport, transport_from_settings
-from clara_mailer.transport.smtp import Outcome as SmtpOutcome
+from clara_mailer.store.models import utcnow
+from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
 
 T = TypeVar("T")
 
 #: How often outcomes are written back. A crash leaves as ``unknown`` the rows in flight
 #: plus the replies of the last FLUSH_SECONDS; a commit this often costs next to nothing.
 FLUSH_SECONDS = 0.05
-
-#: Statuses that still have work to do.
-OPEN_STATUSES = (Status.QUEUED, Status.DEFERRED, Status.SENDING)
-
-
-@dataclass(frozen=True)
-class SendOptions:
-    segments: tuple[str, ...] = ()
-    limit: int | None = None
-    concurrency: int = 4
-    rate: float | None = None  # messages per second, for the whole campaign
-    resend_unknown: bool = False
-    allow_changed_templates: bool = False
-    worker_id: str | None = None
-
-
-@dataclass
-class Plan:
-    """What a send will do, shown before asking to go ahead."""
-
-    campaign: CampaignDef
-    campaign_id: int
-    segments: tuple[str, ...]
-    added: int
-    skipped: int
-    requeued_unknown: int
-    counts: dict[str, dict[str, int]]  # segment -> status -> count
-    renderer: Renderer | None = field(default=None, repr=False, compare=False)
-
-    def total(self, *statuses: str) -> int:
-        return sum(c.get(s, 0) for c in self.counts.values() for s in statuses)
-
-    @property
-    def to_send(self) -> int:
-        return self.total(Status.QUEUED, Status.DEFERRED)
 
 
 @dataclass
@@ -115,117 +61,20 @@ class SendSummary:
     campaign: str
     transport: str
     network: bool
-    counts: Counter[str] = field(default_factory=Counter)  # outcomes in this run
+    counts: Counter[str] = field(default_factory=Counter)  # recipients by outcome, this run
     totals: dict[str, int] = field(default_factory=dict)  # whole campaign, after the run
     next_due: dt.datetime | None = None
     interrupted: bool = False
     elapsed: float = 0.0
+    #: One line per helper process that stopped on an error.
+    errors: list[str] = field(default_factory=list)
 
     @property
     def attempted(self) -> int:
         return sum(v for k, v in self.counts.items() if k != Status.SKIPPED)
 
-    def next_steps(self) -> list[str]:
-        steps = []
-        deferred = self.totals.get(Status.DEFERRED, 0)
-        if deferred:
-            when = f" after {self.next_due:%Y-%m-%d %H:%M} UTC" if self.next_due else ""
-            steps.append(f"{deferred} deferred: run `clara-mail send {self.campaign}` again{when}")
-        unknown = self.totals.get(Status.UNKNOWN, 0)
-        if unknown:
-            steps.append(
-                f"{unknown} unknown (in flight when a sender stopped): check with the relay, "
-                f"then `clara-mail send {self.campaign} --resend-unknown` (same Message-ID)"
-            )
-        queued = self.totals.get(Status.QUEUED, 0) + self.totals.get(Status.SENDING, 0)
-        if queued:
-            steps.append(f"{queued} not sent yet: run `clara-mail send {self.campaign}` to go on")
-        failed = self.totals.get(Status.FAILED, 0)
-        if failed:
-            steps.append(f"{failed} failed: `clara-mail report {self.campaign} --status failed`")
-        return steps
-
 
 ProgressCallback = Callable[[Progress], None]
-
-
-# -- planning -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Checked:
-    defn: CampaignDef
-    segments: list[tuple[int, str]]  # (segment id, slug), in the order asked for
-    signer: TokenSigner
-    campaign_id: int  # 0 while the campaign has no delivery log
-    renderer: Renderer  # variants already prepared by the check
-
-
-def _checked_campaign(
-    db: Database, settings: Settings, slug: str, segments: tuple[str, ...]
-) -> _Checked:
-    """Load and check the campaign and resolve its segments: what every send path needs
-    before it renders anything."""
-    defn = load_campaign(settings, slug)
-    chosen = segments or defn.default_segments
-    if not chosen:
-        raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
-    with db.session() as s:
-        ids = segment_ids(s, chosen)
-        missing = [name for name in chosen if name not in {n for _, n in ids}]
-        if missing:
-            known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
-            raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
-        campaign_id = s.scalar(select(Campaign.id).where(Campaign.slug == defn.slug)) or 0
-    signer = TokenSigner(db.secret_key(settings))
-    # The check prepares every variant; the send then reuses them from this renderer.
-    renderer = Renderer(defn, settings, signer, campaign_id)
-    problems = check_campaign(settings, slug, renderer)
-    if problems:
-        raise CheckFailed(slug, problems)
-    return _Checked(defn, ids, signer, campaign_id, renderer)
-
-
-def prepare_send(db: Database, settings: Settings, slug: str, options: SendOptions) -> Plan:
-    """Check the campaign, then create the delivery rows for the chosen segments."""
-    checked = _checked_campaign(db, settings, slug, options.segments)
-    defn, signer = checked.defn, checked.signer
-    digest = template_hash(defn)
-    with db.session() as s:
-        campaign = add_campaign_row(s, defn.slug, defn.kind)
-        changed = campaign.template_hash is not None and campaign.template_hash != digest
-        if changed and not options.allow_changed_templates and _anything_went_out(s, campaign.id):
-            raise SendError(
-                f"the templates of {slug!r} changed since its first message went out; "
-                "resume anyway with --allow-changed-templates"
-            )
-        campaign.template_hash = digest
-        if options.rate is not None:
-            campaign.rate_limit = options.rate
-        campaign_id = campaign.id
-    log = DeliveryLog(db, campaign_id, options.worker_id)
-    planned = log.plan(checked.segments, signer, defn.kind)
-    requeued = log.requeue_unknown() if options.resend_unknown else 0
-    return Plan(
-        campaign=defn,
-        campaign_id=campaign_id,
-        segments=tuple(name for _, name in checked.segments),
-        added=planned.added,
-        skipped=planned.skipped,
-        requeued_unknown=requeued,
-        counts=log.status_counts([name for _, name in checked.segments]),
-        renderer=checked.renderer.for_campaign(campaign_id),
-    )
-
-
-def _anything_went_out(s: Session, campaign_id: int) -> bool:
-    untouched = (Status.QUEUED, Status.SKIPPED)
-    first = s.scalar(
-        select(Delivery.id)
-        .where(Delivery.campaign_id == campaign_id, Delivery.status.not_in(untouched))
-        .limit(1)
-    )
-    return first is not None
 
 
 # -- the worker ---------------------------------------------------------------------------
@@ -254,6 +103,7 @@ class _Worker:
         self,
         db: Database,
         settings: Settings,
+        signer: TokenSigner,
         plan: Plan,
         options: SendOptions,
         transport: Transport,
@@ -266,17 +116,18 @@ class _Worker:
         self.transport = transport
         self.progress = progress
         self.log = DeliveryLog(db, plan.campaign_id, options.worker_id)
-        self.signer = TokenSigner(db.secret_key(settings))
+        self.signer = signer
         self.renderer = plan.renderer or Renderer(
             plan.campaign, settings, self.signer, plan.campaign_id
         )
         self.dkim = _dkim_signer(settings)
         self.concurrency = max(1, options.concurrency)
         self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=self.concurrency * 4)
-        self.pending: list[Outcome] = []
+        self.pending: list[Record] = []
         self.inflight = 0
         self.handed = 0
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # recipients by their latest outcome
+        self.latest: dict[int, str] = {}  # delivery id -> its latest outcome in this run
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clara-db")
         self.started = time.monotonic()
@@ -444,14 +295,14 @@ class _Worker:
                 # Stopping: what is not on the wire yet goes back to the queue, untouched.
                 self.inflight -= 1
                 self.pending.append(
-                    Outcome(job.row.id, Status.QUEUED, None, "", utcnow(), None, False)
+                    Record(job.row.id, Status.QUEUED, None, "", utcnow(), None, False)
                 )
                 continue
             if conn is None:
                 try:
                     conn = await self.transport.connect()
                 except MailerError as exc:
-                    result = SendResult(SmtpOutcome.DEFERRED, 0, f"cannot connect: {exc}", True)
+                    result = SendResult(Outcome.DEFERRED, 0, f"cannot connect: {exc}", True)
                     self._result(job, result)
                     backoff = min(max(1.0, backoff * 2), 60.0)
                     await self._sleep(backoff)
@@ -480,11 +331,11 @@ class _Worker:
         self.inflight -= 1
         reply = f"{result.code} {result.reply}".strip() if result.code else result.reply
         code = result.code or None
-        if result.outcome == SmtpOutcome.SENT:
+        if result.outcome == Outcome.SENT:
             self._outcome(job.row, Status.SENT, code, reply, now)
-        elif result.outcome == SmtpOutcome.FAILED:
+        elif result.outcome == Outcome.FAILED:
             self._outcome(job.row, Status.FAILED, code, reply, now)
-        elif result.outcome == SmtpOutcome.UNKNOWN:
+        elif result.outcome == Outcome.UNKNOWN:
             self._outcome(job.row, Status.UNKNOWN, code, reply, now)
         else:
             attempts = job.row.attempts + 1
@@ -514,7 +365,14 @@ class _Worker:
         next_attempt_at: dt.datetime | None = None,
         attempt: bool = True,
     ) -> None:
-        self.pending.append(Outcome(row.id, status, code, reply, at, next_attempt_at, attempt))
+        self.pending.append(Record(row.id, status, code, reply, at, next_attempt_at, attempt))
+        # Counts are per recipient: a row deferred and then sent in this run is one "sent".
+        before = self.latest.get(row.id)
+        if before is not None:
+            self.counts[before] -= 1
+            if self.counts[before] <= 0:
+                del self.counts[before]
+        self.latest[row.id] = status
         self.counts[status] += 1
 
     # recorder and housekeeping -------------------------------------------------------
@@ -575,6 +433,7 @@ def _view(row: ClaimedRow) -> RecipientView:
         email=row.email or "",
         name=row.name,
         organisation=row.organisation,
+        consent_source=row.consent_source,
         language=row.language,
         segment=row.segment,
     )
@@ -591,6 +450,7 @@ def _dkim_signer(settings: Settings) -> Any:
 def run_send(
     db: Database,
     settings: Settings,
+    signer: TokenSigner,
     plan: Plan,
     options: SendOptions,
     *,
@@ -612,8 +472,13 @@ def run_send(
     transport = transport or transport_from_settings(settings, plan.campaign.slug)
     summary = SendSummary(plan.campaign.slug, transport.description, transport.network)
     started = time.monotonic()
-    _mark_started(db, plan.campaign_id)
-    helpers = _HelperProcesses(settings, plan, options, processes - 1)
+    log = DeliveryLog(db, plan.campaign_id)
+    log.mark_started()
+    helpers = HelperProcesses(
+        _helper_main,
+        (settings, signer, plan.campaign.slug, plan.campaign_id, plan.segments, options),
+        processes - 1,
+    )
 
     def combined(snapshot: Progress) -> None:
         if progress is not None:
@@ -623,7 +488,7 @@ def run_send(
             progress(snapshot)
 
     async def main() -> None:
-        worker = _Worker(db, settings, plan, options, transport, combined)
+        worker = _Worker(db, settings, signer, plan, options, transport, combined)
         loop = asyncio.get_running_loop()
         installed = []
 
@@ -650,83 +515,27 @@ def run_send(
             helpers.join()
             summary.counts = worker.counts + helpers.counts()
             summary.interrupted = worker.stopping.is_set() or helpers.interrupted
+            summary.errors = helpers.errors
             combined(worker.snapshot())
 
     try:
-        _run_async(main())
+        run_async(main())
     finally:
         helpers.join()
     summary.elapsed = time.monotonic() - started
-    log = DeliveryLog(db, plan.campaign_id)
     totals: Counter[str] = Counter()
     for per_status in log.status_counts().values():
         totals.update(per_status)
     summary.totals = dict(totals)
     summary.next_due = log.next_due()
-    if not any(totals.get(s, 0) for s in OPEN_STATUSES):
-        _mark_finished(db, plan.campaign_id)
+    log.finish_if_done()
     return summary
-
-
-class _HelperProcesses:
-    """Extra worker processes for ``run_send(processes=N)``; they report their counts
-    through a queue so the progress bar and summary cover all of them."""
-
-    def __init__(self, settings: Settings, plan: Plan, options: SendOptions, count: int) -> None:
-        self.count = count
-        self.args = (settings, plan.campaign.slug, plan.campaign_id, plan.segments, options)
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-        self.latest: dict[int, Counter[str]] = {}
-        self.interrupted = False
-        self._context = multiprocessing.get_context("spawn")
-        self._queue: Any = None
-
-    def start(self) -> None:
-        if not self.count:
-            return
-        self._queue = self._context.Queue()
-        for i in range(self.count):
-            process = self._context.Process(
-                target=_helper_main, args=(i, *self.args, self._queue), daemon=False
-            )
-            process.start()
-            self.processes.append(process)
-
-    def _drain(self) -> None:
-        if self._queue is None:
-            return
-        while True:
-            try:
-                index, counts, interrupted = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            self.latest[index] = Counter(counts)
-            self.interrupted = self.interrupted or interrupted
-
-    def counts(self) -> Counter[str]:
-        self._drain()
-        total: Counter[str] = Counter()
-        for counts in self.latest.values():
-            total.update(counts)
-        return total
-
-    def running(self) -> bool:
-        return any(p.is_alive() for p in self.processes)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-
-    def join(self) -> None:
-        for process in self.processes:
-            process.join()
-        self._drain()
 
 
 def _helper_main(
     index: int,
     settings: Settings,
+    signer: TokenSigner,
     slug: str,
     campaign_id: int,
     segments: tuple[str, ...],
@@ -744,138 +553,20 @@ def _helper_main(
             now = time.monotonic()
             if now - last[0] >= 0.2:
                 last[0] = now
-                updates.put((index, dict(snapshot.counts), False))
+                updates.put((index, dict(snapshot.counts), False, None))
 
-        summary = run_send(db, settings, plan, options, progress=report)
-        updates.put((index, dict(summary.counts), summary.interrupted))
+        summary = run_send(db, settings, signer, plan, options, progress=report)
+        updates.put((index, dict(summary.counts), summary.interrupted, None))
     except MailerError as exc:
-        print(f"Error: worker process {index + 2}: {exc}", file=sys.stderr)
-        updates.put((index, {}, True))
+        updates.put((index, {}, True, f"worker process {index + 2}: {exc}"))
     finally:
         db.dispose()
 
 
-def _run_async(coro: Awaitable[None]) -> None:
+def run_async(coro: Awaitable[None]) -> None:
     try:
         import uvloop  # optional: a faster event loop where installed
 
         uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def _mark_started(db: Database, campaign_id: int) -> None:
-    with db.session() as s:
-        campaign = s.get(Campaign, campaign_id)
-        if campaign is not None and campaign.started_at is None:
-            campaign.started_at = utcnow()
-
-
-def _mark_finished(db: Database, campaign_id: int) -> None:
-    with db.session() as s:
-        campaign = s.get(Campaign, campaign_id)
-        if campaign is not None:
-            campaign.finished_at = utcnow()
-
-
-# -- dry runs and test sends ----------------------------------------------------------------
-
-
-@dataclass
-class DryRun:
-    campaign: str
-    rendered: Counter[str] = field(default_factory=Counter)  # segment -> messages
-    suppressed: int = 0
-    problems: list[str] = field(default_factory=list)
-    largest: int = 0
-
-
-def dry_run(db: Database, settings: Settings, slug: str, options: SendOptions) -> DryRun:
-    """Render every message the send would make, write nothing, send nothing."""
-    checked = _checked_campaign(db, settings, slug, options.segments)
-    defn, signer = checked.defn, checked.signer
-    result = DryRun(slug)
-    renderer = checked.renderer
-    seen: set[int] = set()
-    for segment_id, segment in checked.segments:
-        after = 0
-        while True:
-            with db.session() as s:
-                members = (
-                    s.execute(
-                        select(Recipient)
-                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-                        .where(recipient_segments.c.segment_id == segment_id, Recipient.id > after)
-                        .order_by(Recipient.id)
-                        .limit(1000)
-                    )
-                    .scalars()
-                    .all()
-                )
-                hashes = {m.id: signer.address_hash(m.email) for m in members}
-                suppressed = active_suppressions(s, hashes.values(), defn.kind)
-            if not members:
-                break
-            after = members[-1].id
-            for m in members:
-                if m.id in seen:
-                    continue
-                seen.add(m.id)
-                if hashes[m.id] in suppressed:
-                    result.suppressed += 1
-                    continue
-                view = RecipientView(m.id, m.email, m.name, m.organisation, m.language, segment)
-                try:
-                    data = renderer.render(view, smtputf8=not _local_part(m.email).isascii())
-                except MailerError as exc:
-                    result.problems.append(f"{m.email}: {exc}")
-                    continue
-                result.rendered[segment] += 1
-                result.largest = max(result.largest, len(data))
-    return result
-
-
-def send_test(
-    db: Database,
-    settings: Settings,
-    slug: str,
-    address: str,
-    segments: tuple[str, ...] = (),
-    *,
-    transport: Transport | None = None,
-) -> list[tuple[str, str, SendResult]]:
-    """Send one sample per variant (language x segment) to ``address``; log untouched."""
-    checked = _checked_campaign(db, settings, slug, segments)
-    defn = checked.defn
-    chosen = [name for _, name in checked.segments]
-    renderer = checked.renderer
-    transport = transport or transport_from_settings(settings, f"{slug}-test")
-    results: list[tuple[str, str, SendResult]] = []
-
-    async def main() -> None:
-        conn = await transport.connect()
-        try:
-            for language in defn.languages:
-                for segment in chosen:
-                    view = RecipientView(0, address, "", "", language, segment)
-                    data = renderer.render(view, smtputf8=not _local_part(address).isascii())
-                    result = await conn.send(defn.sender, address, data)
-                    results.append((language, segment, result))
-        finally:
-            await conn.close()
-
-    _run_async(main())
-    return results
-
-
-__all__ = [
-    "DryRun",
-    "Plan",
-    "Progress",
-    "SendOptions",
-    "SendSummary",
-    "dry_run",
-    "prepare_send",
-    "run_send",
-    "send_test",
-]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import Table, delete, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from clara_mailer.core.errors import DatabaseError
 from clara_mailer.store.database import Database
@@ -29,6 +32,23 @@ class CopyReport:
 
 def _tables() -> list[Table]:
     return list(Base.metadata.sorted_tables)
+
+
+def check_source_exists(url: str) -> None:
+    """DatabaseError unless a SQLite source names an existing file.
+
+    Call it before opening the source: opening a SQLite URL creates the file (and its
+    directory), so a typo would otherwise be copied as an empty database.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"database URL is not valid: {url!r}") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.is_file():
+        raise DatabaseError(f"the source database {path} does not exist")
 
 
 def copy_database(

@@ -8,7 +8,7 @@ retry and report reads it. See ARCHITECTURE.md for the state machine.
 from __future__ import annotations
 
 import datetime as dt
-import enum
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -22,7 +22,30 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from clara_mailer.core.vocabulary import (
+    BounceKind,
+    CampaignKind,
+    Language,
+    OptOutReason,
+    OptOutScope,
+    RsvpAnswer,
+    Status,
+)
+
+
+def _words(enum: type[Any], length: int) -> SqlEnum:
+    """A column holding one of ``enum``'s values as plain text (no database enum type, no
+    CHECK constraint: a new word needs no migration), read back as the enum."""
+    return SqlEnum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda e: [m.value for m in e],
+    )
 
 
 def utcnow() -> dt.datetime:
@@ -32,25 +55,6 @@ def utcnow() -> dt.datetime:
 class Base(DeclarativeBase):
     pass
 
-
-class Status(enum.StrEnum):
-    """Delivery states (DESIGN.md): stored as their lowercase names."""
-
-    QUEUED = "queued"
-    SENDING = "sending"
-    SENT = "sent"
-    DEFERRED = "deferred"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
-    SKIPPED = "skipped"
-    BOUNCED = "bounced"
-
-
-STANDARD_SEGMENTS = {
-    "national-authorities": "National authorities",
-    "local-police": "Local police forces",
-    "associations": "Associations and social entities",
-}
 
 recipient_segments = Table(
     "recipient_segments",
@@ -83,7 +87,7 @@ class Recipient(Base):
     email_key: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(Text, default="")
     organisation: Mapped[str] = mapped_column(Text, default="")
-    language: Mapped[str] = mapped_column(String(2), default="es")
+    language: Mapped[Language] = mapped_column(_words(Language, 2), default=Language.ES)
     country: Mapped[str] = mapped_column(String(2), default="")
     consent_basis: Mapped[str] = mapped_column(String(64), default="legitimate-interest")
     consent_source: Mapped[str] = mapped_column(Text, default="")
@@ -100,7 +104,7 @@ class Campaign(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     slug: Mapped[str] = mapped_column(String(100), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[CampaignKind] = mapped_column(_words(CampaignKind, 16))
     # Hash of the template files when the first message went out: a resume with
     # changed templates is refused unless asked for.
     template_hash: Mapped[str | None] = mapped_column(String(64))
@@ -134,8 +138,8 @@ class Delivery(Base):
     )
     email: Mapped[str | None] = mapped_column(String(320))
     segment: Mapped[str] = mapped_column(String(64), default="")
-    language: Mapped[str] = mapped_column(String(2), default="es")
-    status: Mapped[str] = mapped_column(String(12), default=Status.QUEUED.value)
+    language: Mapped[Language] = mapped_column(_words(Language, 2), default=Language.ES)
+    status: Mapped[Status] = mapped_column(_words(Status, 12), default=Status.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     worker_id: Mapped[str | None] = mapped_column(String(64))
@@ -160,8 +164,8 @@ class Suppression(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     address_hash: Mapped[str] = mapped_column(String(64))
-    scope: Mapped[str] = mapped_column(String(16), default="all")  # all|newsletter|invitation
-    reason: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[OptOutScope] = mapped_column(_words(OptOutScope, 16), default=OptOutScope.ALL)
+    reason: Mapped[OptOutReason] = mapped_column(_words(OptOutReason, 32))
     source: Mapped[str] = mapped_column(String(200), default="")
     note: Mapped[str] = mapped_column(Text, default="")
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="SET NULL"))
@@ -184,7 +188,7 @@ class Bounce(Base):
         ForeignKey("campaigns.id", ondelete="SET NULL"), index=True
     )
     address_hash: Mapped[str | None] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # hard|soft|policy|delayed
+    kind: Mapped[BounceKind] = mapped_column(_words(BounceKind, 16))
     status_code: Mapped[str] = mapped_column(String(16), default="")
     action: Mapped[str] = mapped_column(String(16), default="")
     diagnostic: Mapped[str] = mapped_column(Text, default="")
@@ -198,7 +202,7 @@ class Rsvp(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
     recipient_id: Mapped[int] = mapped_column(ForeignKey("recipients.id", ondelete="CASCADE"))
-    answer: Mapped[str] = mapped_column(String(8))  # yes|no
+    answer: Mapped[RsvpAnswer] = mapped_column(_words(RsvpAnswer, 8))
     answered_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

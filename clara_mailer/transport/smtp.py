@@ -1,37 +1,18 @@
-"""Where finished messages go: an SMTP relay, an outbox folder, or memory.
+"""The SMTP transport: a relay reached through aiosmtplib, named by an ``smtp_url``.
 
-A seam in the spirit of httpx's transports. ``Transport.connect()`` opens a
-``Connection``; ``Connection.send()`` hands over one message for one recipient and
-returns a ``SendResult`` instead of raising, so the caller's state machine decides
-what to do with every outcome::
-
-    2xx                                   -> SENT
-    4xx                                   -> DEFERRED (421: connection_broken too)
-    5xx                                   -> FAILED
-    refused/reset/timeout before the end
-      of DATA was written                 -> DEFERRED, connection_broken
-    lost or timed out after the final
-      <CRLF>.<CRLF> was written           -> UNKNOWN (never retried automatically)
-
-The SMTP implementation keeps aiosmtplib for connect, EHLO, TLS, AUTH, MAIL and
-RCPT, but does DATA itself: aiosmtplib normalises line endings and dot-stuffs with
-regular expressions on every message (about a millisecond of CPU for a newsletter);
-our messages already have CRLF endings, so one ``bytes.replace`` does the stuffing.
+It keeps aiosmtplib for connect, EHLO, TLS, AUTH, MAIL and RCPT, but does DATA itself:
+aiosmtplib normalises line endings and dot-stuffs with regular expressions on every
+message (about a millisecond of CPU for a newsletter); our messages already have CRLF
+endings, so one ``bytes.replace`` does the stuffing (``base.dot_stuff``). What each
+reply, refusal or lost connection comes to is in ``base``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import re
 import socket
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -44,127 +25,8 @@ from aiosmtplib.errors import (
 from aiosmtplib.protocol import SMTPProtocol
 
 from clara_mailer.core.errors import ConfigError, TransportError
-from clara_mailer.core.settings import Settings
-
-
-class Outcome(StrEnum):
-    SENT = "sent"
-    DEFERRED = "deferred"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class SendResult:
-    outcome: Outcome
-    code: int  # SMTP reply code; 0 when there was no reply (connection lost, timeout)
-    reply: str  # reply text incl. enhanced status code when given, or what happened
-    connection_broken: bool = False  # unusable: reconnect (after backoff on 421)
-
-
-class Connection(Protocol):
-    """One open session; one ``send`` at a time."""
-
-    smtputf8: bool
-    eightbitmime: bool
-
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult: ...
-
-    async def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    network: bool
-    description: str
-
-    async def connect(self) -> Connection: ...
-
-
-def classify(code: int, text: str) -> SendResult:
-    """Turn an SMTP reply into an outcome (RFC 5321 4.2.1)."""
-    if 200 <= code < 300:
-        return SendResult(Outcome.SENT, code, text)
-    if 400 <= code < 500:
-        return SendResult(Outcome.DEFERRED, code, text, connection_broken=code == 421)
-    return SendResult(Outcome.FAILED, code, text)
-
-
-# --- envelope checks shared by every transport -----------------------------------------
-
-_FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
-
-
-@dataclass(frozen=True)
-class _Envelope:
-    mail_from: bytes
-    rcpt_to: bytes
-    smtputf8: bool  # the SMTPUTF8 MAIL parameter is needed
-
-
-def _envelope_address(address: str, use_utf8: bool) -> bytes:
-    """The address as it goes inside <...>; an IDN domain as A-labels without SMTPUTF8."""
-    if use_utf8 or address.isascii():
-        return address.encode("utf-8")
-    local, _, domain = address.rpartition("@")
-    return local.encode("ascii") + b"@" + domain.encode("idna")
-
-
-def _prepare_envelope(
-    envelope_from: str, recipient: str, message: bytes, server_smtputf8: bool
-) -> _Envelope | SendResult:
-    """Check the addresses and the line endings and choose the MAIL parameters, or say
-    why the message cannot go."""
-    bad = _bad_line_endings(message)
-    if bad is not None:
-        return bad
-    for role, address in (("sender", envelope_from), ("recipient", recipient)):
-        if (address or role == "recipient") and (
-            _FORBIDDEN_IN_ADDRESS.search(address) or "@" not in address
-        ):
-            return SendResult(Outcome.FAILED, 0, f"invalid {role} address {address!r}")
-    local_parts_ascii = (
-        envelope_from.rpartition("@")[0].isascii() and recipient.rpartition("@")[0].isascii()
-    )
-    header_end = message.find(b"\r\n\r\n")
-    headers_ascii = message[: header_end if header_end >= 0 else len(message)].isascii()
-    needs_utf8 = not (local_parts_ascii and headers_ascii)
-    if needs_utf8 and not server_smtputf8:
-        why = "a non-ASCII local part" if not local_parts_ascii else "raw UTF-8 headers"
-        return SendResult(
-            Outcome.FAILED,
-            0,
-            f"server does not support SMTPUTF8 (RFC 6531), needed for {why}: {recipient}",
-        )
-    try:
-        return _Envelope(
-            _envelope_address(envelope_from, needs_utf8),
-            _envelope_address(recipient, needs_utf8),
-            needs_utf8,
-        )
-    except UnicodeError:
-        return SendResult(Outcome.FAILED, 0, f"domain cannot be IDNA-encoded: {recipient}")
-
-
-def _bad_line_endings(message: bytes) -> SendResult | None:
-    # Two single-byte counts (~20 us for 26 kB) catch a bare LF or CR; counting "\r\n"
-    # as well would double the cost for the rare message where bare ones balance out.
-    if message.count(b"\n") != message.count(b"\r"):
-        return SendResult(Outcome.FAILED, 0, "message has a bare CR or LF (needs CRLF endings)")
-    return None
-
-
-def dot_stuff(message: bytes) -> bytes:
-    """The DATA payload: lines starting with "." doubled, ended by <CRLF>.<CRLF>."""
-    # find() first: most messages have no line starting with ".", and it is 5x cheaper.
-    stuffed = message.replace(b"\r\n.", b"\r\n..") if b"\r\n." in message else message
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
-
-
-# --- SMTP --------------------------------------------------------------------------------
+from clara_mailer.core.vocabulary import Outcome
+from clara_mailer.transport.base import SendResult, classify, dot_stuff, prepare_envelope
 
 _SCHEMES = {"smtp": 587, "smtps": 465}
 _TLS_MODES = {"starttls", "none"}
@@ -390,7 +252,7 @@ class SMTPConnection:
         if isinstance(client_or_result, SendResult):
             return client_or_result
         client = client_or_result
-        envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
+        envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
         options = []
@@ -458,123 +320,3 @@ class SMTPConnection:
         finally:
             client.close()
             await _wait_closed(protocol)
-
-
-# --- outbox and memory ------------------------------------------------------------------
-
-_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._+-]+")
-
-
-def outbox_filename(recipient: str) -> str:
-    """A safe file name for a recipient; the hash keeps look-alike addresses apart."""
-    safe = _UNSAFE_FILENAME.sub("_", recipient.replace("@", "_at_"))[:80].strip("._") or "x"
-    digest = hashlib.sha256(recipient.encode("utf-8")).hexdigest()[:10]
-    return f"{safe}-{digest}.eml"
-
-
-class OutboxConnection:
-    smtputf8 = True
-    eightbitmime = True
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
-        envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
-        if isinstance(envelope, SendResult):
-            return envelope
-        # One file per recipient: a resend of the same delivery replaces its file.
-        # Write-then-rename so a reader never sees half a message (no fsync: a dry run
-        # does not need to survive a power cut, and fsync would cost milliseconds).
-        target = self.directory / outbox_filename(recipient)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_bytes(message)
-            os.replace(temporary, target)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            return SendResult(Outcome.DEFERRED, 0, f"cannot write {target}: {exc.strerror}")
-        return SendResult(Outcome.SENT, 250, f"written to {target}")
-
-    async def close(self) -> None:
-        return None
-
-
-class OutboxTransport:
-    """Writes each message as an .eml file; nothing goes over the network."""
-
-    network = False
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.description = f"outbox {self.directory}"
-
-    async def connect(self) -> OutboxConnection:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TransportError(f"cannot create outbox {self.directory}: {exc.strerror}") from None
-        return OutboxConnection(self.directory)
-
-
-Reply = SendResult | tuple[int, str]
-
-
-@dataclass
-class MemoryTransport:
-    """Keeps every message in ``sent``; for dry runs, tests and pipeline benchmarks.
-
-    ``replies`` scripts the answer for a recipient, e.g.
-    ``{"bad@x.example": (550, "5.1.1 no such user")}``; everyone else gets 250.
-    """
-
-    replies: Mapping[str, Reply] = field(default_factory=dict)
-    smtputf8: bool = True
-    eightbitmime: bool = True
-    sent: list[tuple[str, str, bytes]] = field(default_factory=list)
-    connections: int = 0
-    network = False
-    description = "memory (nothing is delivered)"
-
-    async def connect(self) -> MemoryConnection:
-        self.connections += 1
-        return MemoryConnection(self)
-
-
-class MemoryConnection:
-    def __init__(self, transport: MemoryTransport) -> None:
-        self._transport = transport
-        self.smtputf8 = transport.smtputf8
-        self.eightbitmime = transport.eightbitmime
-
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
-        envelope = _prepare_envelope(envelope_from, recipient, message, self.smtputf8)
-        if isinstance(envelope, SendResult):
-            return envelope
-        scripted = self._transport.replies.get(recipient)
-        if isinstance(scripted, SendResult):
-            result = scripted
-        elif scripted is not None:
-            result = classify(*scripted)
-        else:
-            result = SendResult(Outcome.SENT, 250, "2.0.0 OK (kept in memory)")
-        if result.outcome in (Outcome.SENT, Outcome.UNKNOWN):
-            self._transport.sent.append((envelope_from, recipient, message))
-        return result
-
-    async def close(self) -> None:
-        return None
-
-
-def transport_from_settings(settings: Settings, campaign_slug: str) -> Transport:
-    """SMTP when ``smtp_url`` is set, otherwise .eml files in ``outbox_dir/<slug>``."""
-    if settings.smtp_url:
-        return SMTPTransport.from_url(
-            settings.smtp_url,
-            timeout=settings.smtp_timeout,
-            data_timeout=settings.smtp_data_timeout,
-            reconnect_after=settings.reconnect_after,
-        )
-    if not campaign_slug or "/" in campaign_slug or "\\" in campaign_slug or ".." in campaign_slug:
-        raise ConfigError(f"campaign slug {campaign_slug!r} cannot name an outbox folder")
-    return OutboxTransport(settings.outbox_dir / campaign_slug)

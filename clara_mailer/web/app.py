@@ -1,6 +1,6 @@
 """The unsubscribe and RSVP pages: ``create_app(settings)`` -> a Starlette ASGI app.
 
-Rules the pages keep (STANDARDS.md, "Unsubscribe"):
+Rules the pages keep (RFC 2369, RFC 8058 and the bulk-sender rules):
 
 - A GET never changes anything: link scanners fetch every URL in a message. GET shows
   a page with a button; the button, and RFC 8058 one-click, are POSTs.
@@ -14,6 +14,8 @@ Rules the pages keep (STANDARDS.md, "Unsubscribe"):
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,17 +29,23 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clara_mailer.core.errors import NotFound, TokenError
 from clara_mailer.core.resources import WEB_TEMPLATES
-from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.mailer import Mailer
 from clara_mailer.optouts import links
 from clara_mailer.optouts.links import LinkTarget
-from clara_mailer.store.database import Database, open_database
+from clara_mailer.store.database import Database
 from clara_mailer.store.models import Suppression
 
 MAX_BODY_BYTES = 8 * 1024
@@ -126,6 +134,73 @@ async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
     await response(scope, receive, send)
 
 
+#: The paths a trailing-slash redirect may lead to (never ``//host``: an open redirect).
+_REDIRECTABLE = re.compile(r"^/(?:[ur]/[a-z2-7]{1,64}|health)$")
+
+
+class SlashRedirectMiddleware:
+    """``/u/TOKEN/`` -> 307 to the path ``/u/TOKEN``, never to an absolute URL.
+
+    Starlette's own redirect builds ``http://{Host}/...`` from the request's Host
+    header, which an attacker chooses; a path-only Location cannot leave the site.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            path: str = scope["path"]
+            local = path[len(root) :] if root and path.startswith(root) else path
+            if local.endswith("/") and _REDIRECTABLE.match(local[:-1]):
+                location = root + local[:-1]
+                query = scope.get("query_string", b"").decode("latin-1")
+                if query:
+                    location += "?" + query
+                response = RedirectResponse(location, status_code=307)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- access log ---------------------------------------------------------------------
+
+#: ``/u/TOKEN`` or ``/r/TOKEN``: the token is a credential, so logs keep 4 characters.
+_TOKEN_IN_PATH = re.compile(r"(/[urUR]/)([^/?#\s]{0,4})[^/?#\s]*")
+TOKEN_PREFIX_CHARS = 4
+
+
+def redact_tokens(text: str) -> str:
+    """``GET /u/abcdefgh...?answer=yes`` -> ``GET /u/abcd…?answer=yes``."""
+    return _TOKEN_IN_PATH.sub(lambda m: f"{m[1]}{m[2]}…", text)
+
+
+class TokenRedactingFilter(logging.Filter):
+    """Shortens tokens in uvicorn's access-log records (their args hold the path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_tokens(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        return True
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's default logging config, with tokens shortened in the access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": TokenRedactingFilter}
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = config["loggers"].setdefault(name, {})
+        logger["filters"] = [*logger.get("filters", []), "redact_tokens"]
+    return config
+
+
 class Pages:
     """The handlers: parse the request, call one function of ``links``, render a page."""
 
@@ -153,8 +228,20 @@ class Pages:
         page = self.templates.get_template("invalid.html").render()
         return HTMLResponse(page, status_code=status)
 
+    def sample(self) -> HTMLResponse:
+        # Links of a preview or a test send: shown, but nothing is ever recorded.
+        return HTMLResponse(self.templates.get_template("sample.html").render())
+
     async def target(self, request: Request, purpose: str) -> LinkTarget | Response:
         token = request.path_params["token"]
+        try:
+            data = self.signer.verify(purpose, token)
+        except TokenError:
+            return self.invalid(400)
+        # A preview or a test send signs campaign 0 (no campaign row yet) or recipient 0
+        # (a sample person): a genuine link of a sample, not a forged one.
+        if data.campaign_id == 0 or data.recipient_id == 0:
+            return self.sample()
         try:
             return await run_in_threadpool(links.resolve, self.db, self.signer, purpose, token)
         except TokenError:
@@ -231,17 +318,17 @@ _TOKEN = "{token:str}"
 _TOKEN_SHAPE = re.compile(r"^[a-z2-7]{1,64}$")
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The ASGI app for ``settings``; opens (and on shutdown closes) the database."""
-    database = open_database(settings)
-    pages = Pages(database, TokenSigner(database.secret_key(settings)))
+def create_app(mailer: Mailer) -> Starlette:
+    """The ASGI app serving ``mailer``'s pages; closes the mailer on shutdown."""
+    database = mailer.db
+    pages = Pages(database, mailer.signer)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            database.dispose()
+            mailer.close()
 
     def guarded(
         handler: Callable[[Request], Awaitable[Response]],
@@ -259,6 +346,11 @@ def create_app(settings: Settings) -> Starlette:
         Route(f"/r/{_TOKEN}", guarded(pages.rsvp_page), methods=["GET", "POST"]),
         Route("/health", pages.health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(GuardMiddleware)], lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(GuardMiddleware), Middleware(SlashRedirectMiddleware)],
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False  # it would reflect the Host header
     app.state.database = database
     return app

@@ -13,14 +13,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, cast
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import ColumnElement, CursorResult, Delete, delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from clara_mailer.core.errors import InputError, NotFound
-from clara_mailer.core.settings import Settings
+from clara_mailer.core.errors import NotFound
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.deliverylog.log import forget_addresses
 from clara_mailer.optouts.suppressions import record_erasure
+from clara_mailer.registry.addresses import address_forms
+from clara_mailer.registry.recipients import find_recipient
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import (
     Bounce,
@@ -45,27 +46,6 @@ class Erasure:
     rsvps: int
     deliveries: int
     texts_scrubbed: int
-
-
-def address_forms(address: str) -> list[str]:
-    """Case-folded spellings an address may be stored under (as typed, normalised, ASCII)."""
-    raw = address.strip()
-    if not raw or "@" not in raw:
-        raise InputError(f"not an email address: {address!r}")
-    forms = [raw]
-    try:
-        checked = validate_email(raw, check_deliverability=False)
-    except EmailNotValidError:
-        pass  # erase and export still work on an address the registry would refuse
-    else:
-        forms.append(checked.normalized)
-        if checked.ascii_email:
-            forms.append(checked.ascii_email)
-    return list(dict.fromkeys(form.casefold() for form in forms))
-
-
-def _find_recipient(session: Session, forms: list[str]) -> Recipient | None:
-    return session.scalars(select(Recipient).where(Recipient.email_key.in_(forms))).first()
 
 
 def _hashes(signer: TokenSigner, forms: list[str], recipient: Recipient | None) -> list[str]:
@@ -98,26 +78,21 @@ def _scrubber(forms: list[str], recipient: Recipient | None) -> re.Pattern[str]:
     return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
-def erase(db: Database, settings: Settings, address: str) -> Erasure:
+def erase(db: Database, signer: TokenSigner, address: str) -> Erasure:
     """Delete everything held about ``address``; keep only a keyed-hash suppression."""
-    signer = TokenSigner(db.secret_key(settings))
     forms = address_forms(address)
     with db.session() as session:
-        recipient = _find_recipient(session, forms)
+        recipient = find_recipient(session, address)
         hashes = _hashes(signer, forms, recipient)
         pattern = _scrubber(forms, recipient)
-        scrubbed = 0
 
-        deliveries = list(
-            session.scalars(select(Delivery).where(_delivery_filter(forms, recipient)))
+        spellings = [*forms, recipient.email] if recipient is not None else forms
+        delivery_ids, scrubbed = forget_addresses(
+            session,
+            spellings,
+            recipient.id if recipient is not None else None,
+            lambda text: pattern.sub(ERASED_TEXT, text),
         )
-        delivery_ids = [d.id for d in deliveries]
-        for delivery in deliveries:
-            delivery.email = None
-            delivery.recipient_id = None
-            if delivery.smtp_reply and pattern.search(delivery.smtp_reply):
-                delivery.smtp_reply = pattern.sub(ERASED_TEXT, delivery.smtp_reply)
-                scrubbed += 1
 
         bounce_filter = _bounce_filter(hashes, delivery_ids)
         for bounce in session.scalars(select(Bounce).where(bounce_filter)):
@@ -150,7 +125,7 @@ def erase(db: Database, settings: Settings, address: str) -> Erasure:
         recipient_found=recipient is not None,
         segments=segments,
         rsvps=rsvps,
-        deliveries=len(deliveries),
+        deliveries=len(delivery_ids),
         texts_scrubbed=scrubbed,
     )
 
@@ -159,12 +134,11 @@ def _when(value: Any) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
-def export_data(db: Database, settings: Settings, address: str) -> dict[str, Any]:
+def export_data(db: Database, signer: TokenSigner, address: str) -> dict[str, Any]:
     """Everything held about ``address`` as JSON-ready data; NotFound when nothing is."""
-    signer = TokenSigner(db.secret_key(settings))
     forms = address_forms(address)
     with db.session() as session:
-        recipient = _find_recipient(session, forms)
+        recipient = find_recipient(session, address)
         hashes = _hashes(signer, forms, recipient)
 
         profile = consent = None

@@ -1,0 +1,245 @@
+"""The send command: plan, confirm, send with progress, summary and next steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.table import Table
+
+from clara_mailer.cli.app import App, main, pass_app
+from clara_mailer.core.vocabulary import Status
+
+if TYPE_CHECKING:  # the sending packages are imported only when a send runs
+    from clara_mailer.plan.plan import Plan, SendOptions
+    from clara_mailer.sending.worker import Progress as SendProgress
+    from clara_mailer.sending.worker import SendSummary
+
+
+@main.command("send")
+@click.argument("campaign")
+@click.option(
+    "--segment",
+    "segments",
+    multiple=True,
+    help="Segment to send to (repeatable; default: the campaign's).",
+)
+@click.option("--dry-run", is_flag=True, help="Render every message, send nothing, write nothing.")
+@click.option(
+    "--test-to",
+    metavar="ADDRESS",
+    help="Send one sample per variant to ADDRESS; the log is untouched.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Send at most N messages in this run.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="SMTP connections.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.01),
+    help="At most N messages per second, across all workers.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Sender processes on this machine, each with --concurrency connections.",
+)
+@click.option(
+    "--resend-unknown",
+    is_flag=True,
+    help="Resend messages whose outcome is unknown (same Message-ID).",
+)
+@click.option(
+    "--allow-changed-templates", is_flag=True, help="Resume even though the templates changed."
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before sending.")
+@pass_app
+def send_cmd(
+    app: App,
+    campaign: str,
+    segments: tuple[str, ...],
+    dry_run: bool,
+    test_to: str | None,
+    limit: int | None,
+    concurrency: int,
+    rate: float | None,
+    resend_unknown: bool,
+    allow_changed_templates: bool,
+    yes: bool,
+    processes: int,
+) -> None:
+    """Send CAMPAIGN to its segments, recording every recipient's outcome.
+
+    \b
+    Safe to rerun at any time: it resumes where it stopped, retries what is due and
+    never sends anyone the same campaign twice. Without CLARA_SMTP_URL, messages are
+    written as .eml files under the outbox directory instead.
+
+    \b
+    Examples:
+      clara-mail send newsletter-2022-01 --segment local-police
+      clara-mail send conference-2022-02-04 --test-to me@clara.example
+      clara-mail send newsletter-2022-01 --yes --concurrency 8 --rate 20
+      clara-mail send newsletter-2022-01 --yes --processes 2   # use both cores
+    """
+    from clara_mailer.plan.plan import SendOptions
+
+    options = SendOptions(
+        segments=segments,
+        limit=limit,
+        concurrency=concurrency,
+        rate=rate,
+        resend_unknown=resend_unknown,
+        allow_changed_templates=allow_changed_templates,
+    )
+    if test_to:
+        for language, segment, result in app.mailer.send_test(campaign, test_to, segments):
+            click.echo(
+                f"{language}/{segment}: {result.outcome} {result.code or ''} {result.reply}".rstrip()
+            )
+        return
+    if dry_run:
+        report = app.mailer.dry_run(campaign, options)
+        for segment, count in report.rendered.items():
+            click.echo(f"{segment}: {count} message(s) rendered")
+        click.echo(f"suppressed: {report.suppressed}; largest message: {report.largest} bytes")
+        for problem in report.problems:
+            click.echo(f"problem: {problem}", err=True)
+        click.echo("Dry run: nothing was sent and nothing was written.")
+        return
+    from clara_mailer.plan.plan import commit_plan, preview_plan
+
+    mailer = app.mailer
+    # Read-only first: a send declined at the prompt (or without a terminal to ask on)
+    # leaves no campaign row and no delivery row behind.
+    preview = preview_plan(mailer.db, mailer.settings, mailer.signer, campaign, options)
+    _print_plan(app, preview)
+    if preview.to_send == 0:
+        click.echo("Nothing to send.")
+        unknown = preview.total(Status.UNKNOWN)
+        if unknown and not resend_unknown:
+            command = " ".join(
+                ["clara-mail", "send", campaign]
+                + [f"--segment {segment}" for segment in segments]
+                + ["--resend-unknown"]
+            )
+            click.echo(
+                f"{unknown} unknown (in flight when a sender stopped): check with the relay, "
+                f"then `{command}` (same Message-ID)"
+            )
+        return
+    if not yes:
+        click.confirm(f"Send {preview.to_send} message(s)?", abort=True)
+    plan = commit_plan(mailer.db, mailer.settings, mailer.signer, preview, options)
+    summary = _run_with_progress(app, plan, options, processes)
+    _print_summary(app, summary)
+    if summary.interrupted:
+        app.err.print("Interrupted: in-flight messages were recorded; run send again to go on.")
+        raise SystemExit(130)
+    if summary.counts.get(Status.FAILED):
+        raise SystemExit(1)  # refused (5xx) in this run: see the report
+
+
+def _print_plan(app: App, plan: Plan) -> None:
+    statuses = [s for s in Status if s != Status.SENDING]
+    table = Table(title=f"{plan.campaign.slug} ({plan.campaign.kind})")
+    table.add_column("segment")
+    for status in statuses:
+        table.add_column(status, justify="right")
+    for segment in plan.segments:
+        counts = plan.counts.get(segment, {})
+        table.add_row(segment, *(str(counts.get(s, 0)) for s in statuses))
+    app.out.print(table)
+    # A preview's figures are what the send will write once confirmed (nothing yet).
+    verb = "will add" if plan.preview else "planned"
+    note = f"{verb} {plan.added} new, {plan.skipped} skipped (opted out)"
+    if plan.requeued_unknown:
+        again = "to queue again" if plan.preview else "queued again"
+        note += f", {plan.requeued_unknown} unknown {again}"
+    app.out.print(note)
+
+
+def _run_with_progress(app: App, plan: Plan, options: SendOptions, processes: int) -> SendSummary:
+    import time as _time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    if app.err.is_terminal:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.0f}/s {task.fields[outcomes]}"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=app.err) as bar:
+            task = bar.add_task(plan.campaign.slug, total=plan.to_send, rate=0.0, outcomes="")
+
+            def update(p: SendProgress) -> None:
+                outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
+                bar.update(task, completed=p.done, total=p.total, rate=p.rate, outcomes=outcomes)
+
+            return app.mailer.send(plan, options, progress=update, processes=processes)
+
+    last: list[Any] = [0.0, None]
+
+    def plain(p: SendProgress) -> None:
+        # Not a terminal: a line every 5 s and one at the end, never the same line twice.
+        now = _time.monotonic()
+        if (now - last[0] >= 5 or p.done == p.total) and last[1] != (p.done, p.total):
+            last[0], last[1] = now, (p.done, p.total)
+            outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
+            click.echo(f"{p.done}/{p.total} {p.rate:.0f}/s {outcomes}", err=True)
+
+    return app.mailer.send(plan, options, progress=plain, processes=processes)
+
+
+def _print_summary(app: App, summary: SendSummary) -> None:
+    rate = summary.attempted / summary.elapsed if summary.elapsed else 0.0
+    outcomes = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing"
+    app.out.print(
+        f"This run: {outcomes} in {summary.elapsed:.1f}s ({rate:.0f} msg/s) via {summary.transport}"
+    )
+    if not summary.network:
+        app.out.print("Nothing went over the network: messages were written to the outbox.")
+    totals = ", ".join(f"{v} {k}" for k, v in sorted(summary.totals.items()))
+    app.out.print(f"Campaign {summary.campaign}: {totals}")
+    for error in summary.errors:
+        app.err.print(f"Error: {error}")
+    for step in next_steps(summary):
+        app.out.print(f"Next: {step}")
+
+
+def next_steps(summary: SendSummary) -> list[str]:
+    """What the user can do next, from the campaign's totals after the run."""
+    steps = []
+    slug = summary.campaign
+    deferred = summary.totals.get(Status.DEFERRED, 0)
+    if deferred:
+        when = f" after {summary.next_due:%Y-%m-%d %H:%M} UTC" if summary.next_due else ""
+        steps.append(f"{deferred} deferred: run `clara-mail send {slug}` again{when}")
+    unknown = summary.totals.get(Status.UNKNOWN, 0)
+    if unknown:
+        steps.append(
+            f"{unknown} unknown (in flight when a sender stopped): check with the relay, "
+            f"then `clara-mail send {slug} --resend-unknown` (same Message-ID)"
+        )
+    queued = summary.totals.get(Status.QUEUED, 0) + summary.totals.get(Status.SENDING, 0)
+    if queued:
+        steps.append(f"{queued} not sent yet: run `clara-mail send {slug}` to go on")
+    failed = summary.totals.get(Status.FAILED, 0)
+    if failed:
+        steps.append(f"{failed} failed: `clara-mail report {slug} --status failed`")
+    return steps

@@ -1,0 +1,256 @@
+"""The plan: what a send will do, decided before anything is composed or sent.
+
+``checked_campaign`` loads the campaign, resolves its segments and renders every variant
+once (the check: nothing goes out if it fails); ``prepare_send`` then has the delivery
+log create the rows for the chosen segments (idempotent: a rerun adds only newcomers)
+and returns the ``Plan``. It is ``preview_plan`` (read-only: what the rows would be, the
+figures a shell shows before asking to go ahead) followed by ``commit_plan`` (the
+writes), so a send declined at its prompt leaves no trace. ``dry_run`` renders every
+message the send would make and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from clara_mailer.compose.campaigns import CampaignDef, load_campaign, template_hash
+from clara_mailer.compose.render import RecipientView, Renderer, check_campaign
+from clara_mailer.core.errors import CheckFailed, MailerError, NotFound, SendError
+from clara_mailer.core.settings import Settings
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import Status
+from clara_mailer.deliverylog.log import (
+    DeliveryLog,
+    campaign_id_of,
+    check_templates,
+    open_campaign,
+    segment_ids,
+)
+from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Recipient, Segment, recipient_segments
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    segments: tuple[str, ...] = ()
+    limit: int | None = None
+    concurrency: int = 4
+    rate: float | None = None  # messages per second, for the whole campaign
+    resend_unknown: bool = False
+    allow_changed_templates: bool = False
+    worker_id: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a send will do, shown before asking to go ahead."""
+
+    campaign: CampaignDef
+    campaign_id: int
+    segments: tuple[str, ...]
+    added: int
+    skipped: int
+    requeued_unknown: int
+    counts: dict[str, dict[str, int]]  # segment -> status -> count
+    renderer: Renderer | None = field(default=None, repr=False, compare=False)
+    #: True for ``preview_plan``'s figures: nothing written yet, ``commit_plan`` next.
+    preview: bool = False
+    #: segment -> (rows to add as queued, rows to add as skipped); preview only.
+    new_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def total(self, *statuses: str) -> int:
+        return sum(c.get(s, 0) for c in self.counts.values() for s in statuses)
+
+    @property
+    def to_send(self) -> int:
+        return self.total(Status.QUEUED, Status.DEFERRED)
+
+
+@dataclass(frozen=True)
+class CheckedCampaign:
+    defn: CampaignDef
+    segments: list[tuple[int, str]]  # (segment id, slug), in the order asked for
+    campaign_id: int  # 0 while the campaign has no delivery log
+    renderer: Renderer  # variants already prepared by the check
+
+
+def checked_campaign(
+    db: Database, settings: Settings, signer: TokenSigner, slug: str, segments: tuple[str, ...]
+) -> CheckedCampaign:
+    """Load and check the campaign and resolve its segments: what every send path needs
+    before it renders anything."""
+    defn = load_campaign(settings, slug)
+    chosen = segments or defn.default_segments
+    if not chosen:
+        raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
+    with db.session() as s:
+        ids = segment_ids(s, chosen)
+        missing = [name for name in chosen if name not in {n for _, n in ids}]
+        if missing:
+            known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
+            raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
+    campaign_id = campaign_id_of(db, defn.slug)
+    # The check prepares every variant; the send then reuses them from this renderer.
+    renderer = Renderer(defn, settings, signer, campaign_id)
+    problems = check_campaign(settings, slug, renderer)
+    if problems:
+        raise CheckFailed(slug, problems)
+    return CheckedCampaign(defn, ids, campaign_id, renderer)
+
+
+def prepare_send(
+    db: Database, settings: Settings, signer: TokenSigner, slug: str, options: SendOptions
+) -> Plan:
+    """Check the campaign, then create the delivery rows for the chosen segments."""
+    checked = checked_campaign(db, settings, signer, slug, options.segments)
+    return _commit(db, signer, checked, options)
+
+
+def preview_plan(
+    db: Database, settings: Settings, signer: TokenSigner, slug: str, options: SendOptions
+) -> Plan:
+    """What ``prepare_send`` would do, written nowhere: the rows it would add per segment
+    (queued, skipped as suppressed), the rows already there, and the resulting counts.
+    Raises what the commit would raise (changed templates) before anyone is asked."""
+    checked = checked_campaign(db, settings, signer, slug, options.segments)
+    defn = checked.defn
+    check_templates(
+        db, defn.slug, template_hash(defn), allow_changed_templates=options.allow_changed_templates
+    )
+    names = [name for _, name in checked.segments]
+    log = DeliveryLog(db, checked.campaign_id, options.worker_id)
+    planned = log.preview_plan(checked.segments, signer, defn.kind)
+    counts = log.status_counts(names) if checked.campaign_id else {}
+    requeued = 0
+    if options.resend_unknown:
+        for per_status in counts.values():
+            unknown = per_status.pop(Status.UNKNOWN, 0)
+            if unknown:
+                per_status[Status.QUEUED] = per_status.get(Status.QUEUED, 0) + unknown
+                requeued += unknown
+    for name, (added, skipped) in planned.per_segment.items():
+        per_status = counts.setdefault(name, {})
+        for status, extra in ((Status.QUEUED, added), (Status.SKIPPED, skipped)):
+            if extra:
+                per_status[status] = per_status.get(status, 0) + extra
+    return Plan(
+        campaign=defn,
+        campaign_id=checked.campaign_id,
+        segments=tuple(names),
+        added=planned.added,
+        skipped=planned.skipped,
+        requeued_unknown=requeued,
+        counts=counts,
+        renderer=checked.renderer,
+        preview=True,
+        new_rows=planned.per_segment,
+    )
+
+
+def commit_plan(
+    db: Database, settings: Settings, signer: TokenSigner, plan: Plan, options: SendOptions
+) -> Plan:
+    """Write what ``preview_plan`` showed (the campaign row and the delivery rows) and
+    return the plan as committed; the figures are the database's (a recipient imported
+    meanwhile is included)."""
+    if not plan.preview:
+        return plan
+    with db.session() as s:
+        ids = segment_ids(s, plan.segments)
+    if len(ids) != len(plan.segments) or plan.renderer is None:  # a segment went meanwhile
+        checked = checked_campaign(db, settings, signer, plan.campaign.slug, options.segments)
+    else:  # the campaign was checked by the preview: its renderer is reused
+        checked = CheckedCampaign(plan.campaign, ids, plan.campaign_id, plan.renderer)
+    return _commit(db, signer, checked, options)
+
+
+def _commit(
+    db: Database, signer: TokenSigner, checked: CheckedCampaign, options: SendOptions
+) -> Plan:
+    defn = checked.defn
+    campaign_id = open_campaign(
+        db,
+        defn.slug,
+        defn.kind,
+        template_hash(defn),
+        rate=options.rate,
+        allow_changed_templates=options.allow_changed_templates,
+    )
+    log = DeliveryLog(db, campaign_id, options.worker_id)
+    planned = log.plan(checked.segments, signer, defn.kind)
+    requeued = log.requeue_unknown() if options.resend_unknown else 0
+    return Plan(
+        campaign=defn,
+        campaign_id=campaign_id,
+        segments=tuple(name for _, name in checked.segments),
+        added=planned.added,
+        skipped=planned.skipped,
+        requeued_unknown=requeued,
+        counts=log.status_counts([name for _, name in checked.segments]),
+        renderer=checked.renderer.for_campaign(campaign_id),
+    )
+
+
+# -- dry runs ----------------------------------------------------------------------
+
+
+@dataclass
+class DryRun:
+    campaign: str
+    rendered: Counter[str] = field(default_factory=Counter)  # segment -> messages
+    suppressed: int = 0
+    problems: list[str] = field(default_factory=list)
+    largest: int = 0
+
+
+def dry_run(
+    db: Database, settings: Settings, signer: TokenSigner, slug: str, options: SendOptions
+) -> DryRun:
+    """Render every message the send would make, write nothing, send nothing."""
+    checked = checked_campaign(db, settings, signer, slug, options.segments)
+    defn = checked.defn
+    result = DryRun(slug)
+    renderer = checked.renderer
+    seen: set[int] = set()
+    for segment_id, segment in checked.segments:
+        after = 0
+        while True:
+            with db.session() as s:
+                members = (
+                    s.execute(
+                        select(Recipient)
+                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+                        .where(recipient_segments.c.segment_id == segment_id, Recipient.id > after)
+                        .order_by(Recipient.id)
+                        .limit(1000)
+                    )
+                    .scalars()
+                    .all()
+                )
+                hashes = {m.id: signer.address_hash(m.email) for m in members}
+                suppressed = active_suppressions(s, hashes.values(), defn.kind)
+            if not members:
+                break
+            after = members[-1].id
+            for m in members:
+                if m.id in seen:
+                    continue
+                seen.add(m.id)
+                if hashes[m.id] in suppressed:
+                    result.suppressed += 1
+                    continue
+                view = RecipientView(
+                    m.id, m.email, m.name, m.organisation, m.language, segment, m.consent_source
+                )
+                try:
+                    data = renderer.render(view, smtputf8=not m.email.rpartition("@")[0].isascii())
+                except MailerError as exc:
+                    result.problems.append(f"{m.email}: {exc}")
+                    continue
+                result.rendered[segment] += 1
+                result.largest = max(result.largest, len(data))
+    return result

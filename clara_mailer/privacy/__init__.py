@@ -1,0 +1,1 @@
+"""GDPR: erase one person, export everything held about one address."""
