@@ -29,6 +29,7 @@ from clara_mailer.transport import (
     outbox_filename,
     transport_from_settings,
 )
+from clara_mailer.transport.outbox import message_id_of
 from tests.smtp_server import (
     DROP_AFTER_DATA,
     DROP_AFTER_RCPT,
@@ -444,7 +445,7 @@ def test_outbox_writes_parseable_eml_files(tmp_path: Path) -> None:
     files = sorted(transport.directory.iterdir())
     assert len(files) == 3 and all(f.suffix == ".eml" for f in files)
     for rcpt in rcpts:
-        path = transport.directory / outbox_filename(rcpt)
+        path = transport.directory / outbox_filename(rcpt, message_id_of(make_message(to=rcpt)))
         assert path.read_bytes() == make_message(to=rcpt)
         parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
         assert parsed["To"] == rcpt and parsed["Subject"] == "CLARA results"
@@ -460,10 +461,11 @@ def test_outbox_resend_replaces_the_file_and_leaves_no_temporary(tmp_path: Path)
 
 def test_outbox_write_failure_is_deferred_and_leaves_nothing(tmp_path: Path) -> None:
     transport = OutboxTransport(tmp_path)
-    (tmp_path / outbox_filename("anna@policia.example")).mkdir()  # rename onto a folder fails
+    name = outbox_filename("anna@policia.example", message_id_of(make_message()))
+    (tmp_path / name).mkdir()  # rename onto a folder fails
     [result] = send_all(transport, [("anna@policia.example", make_message())])
     assert result.outcome is Outcome.DEFERRED and "cannot write" in result.reply
-    assert [p.name for p in tmp_path.iterdir()] == [outbox_filename("anna@policia.example")]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_memory_transport_records_and_scripts() -> None:
