@@ -115,7 +115,7 @@ def optout_group() -> None:
 @click.argument("address")
 @click.option(
     "--reason",
-    default="manual",
+    default=OptOutReason.MANUAL.value,
     show_default=True,
     help="A reason (manual, complaint, unsubscribe, ...) or free text, kept as a note.",
 )

@@ -176,24 +176,7 @@ class DeliveryLog:
             after = 0
             while True:
                 with self.db.session() as s:
-                    members = s.execute(
-                        select(Recipient.id, Recipient.email, Recipient.language)
-                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-                        .outerjoin(
-                            Delivery,
-                            and_(
-                                Delivery.campaign_id == self.campaign_id,
-                                Delivery.recipient_id == Recipient.id,
-                            ),
-                        )
-                        .where(
-                            recipient_segments.c.segment_id == segment_id,
-                            Recipient.id > after,
-                            Delivery.id.is_(None),
-                        )
-                        .order_by(Recipient.id)
-                        .limit(PLAN_CHUNK)
-                    ).all()
+                    members = self._unplanned(s, segment_id, after)
                     if not members:
                         break
                     after = members[-1].id
@@ -229,6 +212,28 @@ class DeliveryLog:
                     )
         return counts
 
+    def _unplanned(self, s: Session, segment_id: int, after: int) -> Sequence[Any]:
+        """The next chunk of the segment's members (by id, after ``after``) that have no
+        delivery row in this campaign yet."""
+        return s.execute(
+            select(Recipient.id, Recipient.email, Recipient.language)
+            .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+            .outerjoin(
+                Delivery,
+                and_(
+                    Delivery.campaign_id == self.campaign_id,
+                    Delivery.recipient_id == Recipient.id,
+                ),
+            )
+            .where(
+                recipient_segments.c.segment_id == segment_id,
+                Recipient.id > after,
+                Delivery.id.is_(None),
+            )
+            .order_by(Recipient.id)
+            .limit(PLAN_CHUNK)
+        ).all()
+
     def preview_plan(
         self, segment_ids: Sequence[tuple[int, str]], signer: TokenSigner, kind: str
     ) -> PlanCounts:
@@ -242,24 +247,7 @@ class DeliveryLog:
             added = skipped = 0
             while True:
                 with self.db.session() as s:
-                    members = s.execute(
-                        select(Recipient.id, Recipient.email)
-                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-                        .outerjoin(
-                            Delivery,
-                            and_(
-                                Delivery.campaign_id == self.campaign_id,
-                                Delivery.recipient_id == Recipient.id,
-                            ),
-                        )
-                        .where(
-                            recipient_segments.c.segment_id == segment_id,
-                            Recipient.id > after,
-                            Delivery.id.is_(None),
-                        )
-                        .order_by(Recipient.id)
-                        .limit(PLAN_CHUNK)
-                    ).all()
+                    members = self._unplanned(s, segment_id, after)
                     if not members:
                         break
                     after = members[-1].id

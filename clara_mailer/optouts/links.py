@@ -14,7 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
-from clara_mailer.core.vocabulary import LANGUAGES, RsvpAnswer
+from clara_mailer.core.vocabulary import (
+    LANGUAGES,
+    SELF_SERVICE_OPT_OUTS,
+    OptOutReason,
+    RsvpAnswer,
+)
 from clara_mailer.optouts import suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Recipient, Rsvp, utcnow
@@ -66,7 +71,7 @@ def unsubscribe(db: Database, signer: TokenSigner, target: LinkTarget, *, one_cl
             session,
             signer,
             target.email,
-            reason="one-click" if one_click else "unsubscribe",
+            reason=OptOutReason.ONE_CLICK if one_click else OptOutReason.UNSUBSCRIBE,
             scope="all",
             source=target.campaign_slug,
             campaign_id=target.campaign_id,
@@ -80,7 +85,7 @@ def undo_unsubscribe(db: Database, signer: TokenSigner, target: LinkTarget) -> i
             session,
             signer.address_hash(target.email),
             note=f"undone on the unsubscribe page at {utcnow().isoformat(timespec='seconds')}",
-            reasons=suppressions.SELF_SERVICE_REASONS,
+            reasons=tuple(SELF_SERVICE_OPT_OUTS),
         )
     return len(lifted)
 

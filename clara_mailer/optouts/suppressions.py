@@ -13,18 +13,8 @@ from sqlalchemy.orm import Session
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import OptOutReason, OptOutScope, choices
 from clara_mailer.store.models import Campaign, Suppression, utcnow
-
-SCOPES = ("all", "newsletter", "invitation")
-REASONS = (
-    "unsubscribe",
-    "one-click",
-    "manual",
-    "hard-bounce",
-    "soft-bounces",
-    "complaint",
-    "erased",
-)
 
 
 def active_suppressions(
@@ -39,7 +29,9 @@ def active_suppressions(
             Suppression.address_hash.in_(chunk), Suppression.lifted_at.is_(None)
         )
         if kind is not None:
-            query = query.where(or_(Suppression.scope == "all", Suppression.scope == kind))
+            query = query.where(
+                or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind)
+            )
         for address_hash, reason in session.execute(query):
             found.setdefault(address_hash, reason)
     return found
@@ -51,7 +43,7 @@ def suppress(
     address: str,
     *,
     reason: str,
-    scope: str = "all",
+    scope: str = OptOutScope.ALL,
     source: str = "",
     campaign_id: int | None = None,
     note: str = "",
@@ -73,12 +65,12 @@ def suppress_hash(
     address_hash: str,
     *,
     reason: str,
-    scope: str = "all",
+    scope: str = OptOutScope.ALL,
     source: str = "",
     campaign_id: int | None = None,
     note: str = "",
 ) -> Suppression:
-    if scope not in SCOPES:
+    if scope not in set(OptOutScope):
         raise ValueError(f"unknown scope {scope!r}")
     existing = session.scalars(
         select(Suppression).where(
@@ -105,23 +97,20 @@ def suppress_hash(
 
 # --- managing suppressions (clara-mail optout, the unsubscribe page, erasure) -----------
 
-# Reasons a person chose themselves from a message: what "undo" on the page may lift.
-SELF_SERVICE_REASONS = ("unsubscribe", "one-click")
-
 
 def add(
     session: Session,
     signer: TokenSigner,
     address: str,
     *,
-    reason: str = "manual",
-    scope: str = "all",
+    reason: str = OptOutReason.MANUAL,
+    scope: str = OptOutScope.ALL,
     source: str = "cli",
     note: str = "",
 ) -> tuple[Suppression, bool]:
     """Suppress ``address``; returns the row and whether it is new (False: already there)."""
-    if scope not in SCOPES:
-        raise InputError(f"unknown scope {scope!r} (one of: {', '.join(SCOPES)})")
+    if scope not in set(OptOutScope):
+        raise InputError(f"unknown scope {scope!r} (one of: {choices(OptOutScope)})")
     if not address.strip() or "@" not in address:
         raise InputError(f"not an email address: {address!r}")
     before = session.scalar(
@@ -205,7 +194,7 @@ def record_erasure(session: Session, address_hash: str, *, source: str = "erase"
     existing = session.scalars(
         select(Suppression).where(
             Suppression.address_hash == address_hash,
-            Suppression.reason == "erased",
+            Suppression.reason == OptOutReason.ERASED,
             Suppression.lifted_at.is_(None),
         )
     ).first()
@@ -214,7 +203,7 @@ def record_erasure(session: Session, address_hash: str, *, source: str = "erase"
     row = Suppression(
         address_hash=address_hash,
         scope="all",
-        reason="erased",
+        reason=OptOutReason.ERASED,
         source=source,
         note="",
         created_at=utcnow(),
