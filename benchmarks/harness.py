@@ -49,10 +49,12 @@ from benchmarks.inputs import (  # noqa: E402
 CAMPAIGN = "newsletter-2022-01"
 SENDER = "newsletter@clara.example"
 GNU_TIME = "/usr/bin/time"
+# The goals of issue 18 (speed, second round).
 SEND_GOAL_RATIO = 0.5
-MEMORY_GOAL_MB = 80.0
+DKIM_GOAL_RATIO = 0.25
+MEMORY_GOAL_MB = 64.0
 IMPORT_GOAL_ROWS = 50_000.0
-REPORT_GOAL_SECONDS = 1.0
+REPORT_GOAL_SECONDS = 0.5
 
 
 class BenchError(Exception):
@@ -321,6 +323,11 @@ class Bench:
             CLARA_BASE_URL="https://clara.example",
             CLARA_OUTBOX_DIR=str(self.workdir / "outbox"),
             CLARA_BOUNCE_ADDRESS="bounces@clara.example",
+            # An SMTP send needs the legal footer (sample values, as in the tests).
+            CLARA_SENDER_LEGAL_NAME="CLARA benchmark sender (sample)",
+            CLARA_SENDER_POSTAL_ADDRESS="sample postal address",
+            CLARA_CONTROLLER_CONTACT="privacy@clara.example",
+            CLARA_PRIVACY_URL="https://clara.example/privacy",
         )
         env.update(extra)
         return env
@@ -548,15 +555,19 @@ class Bench:
             )
             self.attempt(row, partial(self.clara_send, backend, 4, n, None, 2))
         row = self.row(
-            "send-dkim", "9b. clara-mail send, sqlite, c4, DKIM signed", "msg/s", ratio=True
+            "send-dkim",
+            "9b. clara-mail send, sqlite, c4, DKIM signed",
+            "msg/s",
+            ratio=True,
+            goal=f">= {DKIM_GOAL_RATIO}x smtp-source",
         )
         dkim_env = {
             "CLARA_DKIM_DOMAIN": "clara.example",
             "CLARA_DKIM_SELECTOR": "bench",
             "CLARA_DKIM_KEY_FILE": str(self.dkim_key()),
         }
-        # DKIM costs ~10 ms a message: a tenth of the recipients gives a steady rate.
-        count = max(1000, n // 10)
+        # Signing (OpenSSL's RSA) costs ~0.5 ms a message now: the full count.
+        count = n
         self.attempt(row, partial(self.clara_send, "sqlite", 4, count, dkim_env))
         for backend in self.dbs.backends:
             row = self.row(
@@ -662,6 +673,8 @@ def verdict(row: Row, source: float | None) -> str:
     median = row.median()
     if median is None:
         return ""
+    if row.key == "send-dkim" and source:
+        return "meets" if median / source >= DKIM_GOAL_RATIO else "MISSES"
     if row.key.startswith("send-") and row.goal and source:
         return "meets" if median / source >= SEND_GOAL_RATIO else "MISSES"
     if row.key.startswith("import-"):

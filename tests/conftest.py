@@ -21,6 +21,13 @@ from clara_mailer.store.database import Database, open_database
 PG_URL = os.environ.get("CLARA_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
 TEST_SECRET = "test-secret-key-0123456789abcdef"
+#: A configured sender's legal footer (sending over SMTP is refused without it).
+LEGAL_FOOTER = {
+    "sender_legal_name": "Observatorio Español del Racismo y la Xenofobia (muestra)",
+    "sender_postal_address": "Dirección postal de ejemplo",
+    "controller_contact": "privacidad@oberaxe.example",
+    "privacy_url": "https://clara.example/privacidad",
+}
 #: The checkout: the seed CSV files and the sources the tests read live here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +81,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         secret_key=TEST_SECRET,
         base_url="https://clara.example",
         templates_dir=EMAIL_TEMPLATES,
+        **LEGAL_FOOTER,
     )
 
 

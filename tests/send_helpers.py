@@ -76,7 +76,12 @@ def start_sender(
     ``args`` follow ``send`` (campaign, options)."""
     from tests.conftest import settings_env
 
-    full_env = {**os.environ, **settings_env(settings), "CLARA_SMTP_URL": smtp_url, **(env or {})}
+    full_env = {
+        **os.environ,
+        **settings_env(settings),
+        "CLARA_SMTP_URL": smtp_url,
+        **(env or {}),
+    }
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "clara_mailer", "send", *args],

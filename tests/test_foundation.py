@@ -219,7 +219,7 @@ def test_every_command_has_help_with_an_example() -> None:
         names.append(name)
     for expected in (
         "import",
-        "segments",
+        "segments create",
         "send",
         "report",
         "campaigns",
@@ -230,6 +230,9 @@ def test_every_command_has_help_with_an_example() -> None:
         "recipients erase",
         "bounces import",
         "db upgrade",
+        "init",
+        "new",
+        "recipients add",
     ):
         assert expected in names
 

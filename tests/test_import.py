@@ -172,7 +172,7 @@ def test_a_bad_second_file_is_named_and_the_good_one_imported(
 # --- rows it cannot take: exit 1, file:line + reason, rejects file -------------------
 
 
-def test_rejected_rows_are_reported_and_written_beside_the_input(
+def test_rejected_rows_are_reported_and_written_to_the_working_directory(
     cli: Cli, db: Database, tmp_path: Path
 ) -> None:
     text = (
@@ -269,7 +269,7 @@ def test_strict_imports_nothing_from_a_file_with_a_rejected_row(
     before = registry_state(db)
     result = cli("import", str(path), "--strict")
     assert result.exit_code == 1
-    assert "--strict: nothing imported" in result.output
+    assert "nothing imported: --strict" in result.output
     assert registry_state(db) == before
     assert (tmp_path / "s.rejects.csv").is_file()  # so the rows can be fixed
 

@@ -171,6 +171,7 @@ def test_every_setting_in_the_file_is_checked(tmp_path: Path, name: str) -> None
 #: A bad text for each setting that can be given a bad text (any text is a valid domain,
 #: selector or path: those are checked where they are used).
 BAD_TEXT = {
+    "sender_address": "boletin at oberaxe.example",
     "database_url": "clara.db",
     "smtp_url": "smtp://[",
     "base_url": "ftp://clara.example",
@@ -178,6 +179,9 @@ BAD_TEXT = {
     "bounce_address": "bounces at clara.example",
     "retry_in_run": "5;20",
     "privacy_url": "clara.example/privacy",
+    "subscribe_segments": "Local Police",
+    "consent_text_es": "x" * 2001,
+    "consent_text_en": "x" * 2001,
     **{
         name: "-1"
         for name in SETTINGS

@@ -5,7 +5,9 @@
 - ``parse``: one message read (no database): bounce, auto-reply or neither, and for a
   bounce each failed address with its status and ``BounceKind``;
 - ``apply``: each bounce matched to its delivery, recorded once, and the policy applied
-  (the delivery marked bounced through the delivery log, the address suppressed).
+  (the delivery marked bounced through the delivery log, the address suppressed); and
+  each ``List-Unsubscribe`` mailto request (Subject ``unsubscribe-TOKEN``) applied once,
+  as the one-click POST would.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from clara_mailer.bounces.apply import (
     import_bounces,
     match_delivery,
     record_message,
+    record_unsubscribe_request,
+    unsubscribe_token,
 )
 from clara_mailer.bounces.mailboxes import BounceSource, MailboxMessage
 from clara_mailer.bounces.parse import (
@@ -43,4 +47,6 @@ __all__ = [
     "normalise_status",
     "parse_bounce",
     "record_message",
+    "record_unsubscribe_request",
+    "unsubscribe_token",
 ]

@@ -20,6 +20,15 @@ campaign when given). A bounce carrying a token shaped like ours that does not v
 (altered or forged) matches nothing: it is recorded unmatched and suppresses no one,
 since anyone can address a DSN to ``bounces+anything@`` naming any recipient. Each bounce is recorded once, keyed by its own Message-ID or a
 hash of its content, so reading a mailbox twice changes nothing.
+
+The same readers take the requests sent to the ``mailto:`` address every message
+advertises in ``List-Unsubscribe``: a message (not a bounce) whose Subject is
+``unsubscribe-TOKEN`` with a valid signed unsubscribe token records the opt-out exactly
+as the one-click POST does (``optouts.links.unsubscribe``, reason ``one-click``: the
+mail client's own unsubscribe). A token that does not verify changes nothing and the
+message is left for a person. The suppression's note keeps the request's key, so a
+request read again (or after the person undid the opt-out on the web page) is counted
+``already seen`` and applied once.
 """
 
 from __future__ import annotations
@@ -34,15 +43,30 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from clara_mailer.bounces.mailboxes import BounceSource, MailboxMessage, OpenMailbox
-from clara_mailer.bounces.parse import BounceEvent, ParsedMessage, parse_bounce, smtp_code
+from clara_mailer.bounces.parse import (
+    BounceEvent,
+    ParsedMessage,
+    message_key,
+    parse_bounce,
+    read_headers,
+    smtp_code,
+)
 from clara_mailer.core.errors import NotFound, TokenError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner, verp_token
 from clara_mailer.core.vocabulary import BounceKind, OptOutReason, Status
 from clara_mailer.deliverylog.log import mark_bounced
+from clara_mailer.optouts import links
 from clara_mailer.optouts.suppressions import active_suppressions, suppress_hash
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Bounce, Campaign, Delivery
+from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Suppression
+
+#: The Subject of a ``List-Unsubscribe`` mailto request (``compose.render``), once the
+#: mail client has sent it: ``unsubscribe-TOKEN``.
+_UNSUBSCRIBE_SUBJECT = re.compile(r"unsubscribe-([A-Za-z0-9]{8,200})", re.IGNORECASE)
+#: What the note of a suppression recorded from a mailto request starts with; the
+#: request's key follows.
+UNSUBSCRIBE_NOTE = "unsubscribe request by mail "
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,9 @@ class BounceReport:
     delayed: int = 0
     auto_replies: int = 0
     not_bounces: int = 0
+    unsubscribe_requests: int = 0
+    unsubscribed: int = 0
+    bad_unsubscribe_requests: int = 0
     matched: int = 0
     already_seen: int = 0
     suppressed: int = 0
@@ -101,6 +128,14 @@ class BounceReport:
             "addresses suppressed": self.suppressed,
         }
 
+    def unsubscribe_counts(self) -> dict[str, int]:
+        """The mailto unsubscribe requests read (a request read again is ``already seen``)."""
+        return {
+            "unsubscribe requests": self.unsubscribe_requests,
+            "opted out by mail": self.unsubscribed,
+            "unsubscribes refused": self.bad_unsubscribe_requests,
+        }
+
     def merge(self, other: BounceReport) -> None:
         for name in (
             "read",
@@ -111,6 +146,9 @@ class BounceReport:
             "delayed",
             "auto_replies",
             "not_bounces",
+            "unsubscribe_requests",
+            "unsubscribed",
+            "bad_unsubscribe_requests",
             "matched",
             "already_seen",
             "suppressed",
@@ -314,6 +352,96 @@ def record_message(
     return report
 
 
+def unsubscribe_token(raw: bytes) -> str | None:
+    """The token of a ``List-Unsubscribe`` mailto request (Subject ``unsubscribe-TOKEN``)."""
+    subject = read_headers(raw)[1]
+    found = _UNSUBSCRIBE_SUBJECT.fullmatch(subject.strip())
+    return found.group(1) if found else None
+
+
+def _request_seen(session: Session, address_hash: str, note: str) -> bool:
+    """Whether a suppression of this address notes this very request (lifted or not)."""
+    return (
+        session.scalar(
+            select(Suppression.id).where(
+                Suppression.address_hash == address_hash,
+                Suppression.note.contains(note, autoescape=True),
+            )
+        )
+        is not None
+    )
+
+
+def _dry_run_target(session: Session, signer: TokenSigner, token: str) -> str | None:
+    """``links.resolve`` inside the dry run's session (which holds SQLite's write lock):
+    the address a valid token names, else None."""
+    try:
+        data = signer.verify("u", token)
+    except TokenError:
+        return None
+    campaign = session.get(Campaign, data.campaign_id)
+    recipient = session.get(Recipient, data.recipient_id)
+    return recipient.email if campaign is not None and recipient is not None else None
+
+
+def record_unsubscribe_request(
+    db: Database,
+    session: Session,
+    signer: TokenSigner,
+    message: MailboxMessage,
+    token: str,
+    *,
+    dry_run: bool = False,
+) -> BounceReport:
+    """Apply one mailto unsubscribe request as the one-click POST would, once per message.
+
+    ``session`` is the import's: with ``dry_run`` it only reads (and may hold flushed,
+    uncommitted bounces); otherwise it has nothing pending and is committed here before
+    ``links`` opens its own transactions.
+    """
+    report = BounceReport(read=1)
+    msg, _subject = read_headers(message.raw)
+    note = UNSUBSCRIBE_NOTE + message_key(msg, message.raw)
+    if dry_run:
+        email = _dry_run_target(session, signer, token)
+        if email is None:
+            report.bad_unsubscribe_requests = 1
+            return report
+        report.unsubscribe_requests = 1
+        address_hash = signer.address_hash(email)
+        if _request_seen(session, address_hash, note):
+            report.already_seen = 1
+        elif address_hash not in active_suppressions(session, [address_hash]):
+            report.unsubscribed = 1
+        return report
+
+    session.commit()  # end the import's transaction: SQLite allows one writer at a time
+    try:
+        target = links.resolve(db, signer, "u", token)
+    except (TokenError, NotFound):
+        report.bad_unsubscribe_requests = 1  # forged, altered or gone: nothing changes
+        return report
+    report.unsubscribe_requests = 1
+    address_hash = signer.address_hash(target.email)
+    seen = _request_seen(session, address_hash, note)
+    already = address_hash in active_suppressions(session, [address_hash])
+    session.commit()
+    if seen:
+        report.already_seen = 1
+        return report
+    links.unsubscribe(db, signer, target, one_click=True)
+    row = session.scalars(
+        select(Suppression)
+        .where(Suppression.address_hash == address_hash, Suppression.lifted_at.is_(None))
+        .order_by(Suppression.id.desc())
+    ).first()
+    if row is not None:  # the new opt-out, or the one that was there: note the request
+        row.note = f"{row.note}; {note}" if row.note else note
+    if not already:
+        report.unsubscribed = 1
+    return report
+
+
 def import_bounces(
     db: Database,
     settings: Settings,
@@ -342,6 +470,11 @@ def import_bounces(
                 outcome = record_message(
                     session, signer, settings, message, campaign_id=campaign_id
                 )
+                token = unsubscribe_token(message.raw) if outcome.not_bounces else None
+                if token is not None:
+                    outcome = record_unsubscribe_request(
+                        db, session, signer, message, token, dry_run=dry_run
+                    )
                 if not dry_run:
                     try:
                         session.commit()
@@ -350,6 +483,8 @@ def import_bounces(
                         session.rollback()
                         outcome = BounceReport(read=1, already_seen=max(1, outcome.bounces))
                 report.merge(outcome)
-                box.done(message, handled=outcome.not_bounces == 0)
+                # Not a bounce, or a request with a bad token: left for a person to read.
+                handled = outcome.not_bounces == 0 and outcome.bad_unsubscribe_requests == 0
+                box.done(message, handled=handled)
         session.rollback()
     return report

@@ -133,7 +133,10 @@ class ImapMailbox:
     """One folder on an IMAP server, read with stdlib imaplib."""
 
     def __init__(self, source: BounceSource, *, readonly: bool) -> None:
-        url = urlsplit(source.location)
+        try:
+            url = urlsplit(source.location)
+        except ValueError as exc:  # e.g. an unclosed [IPv6 literal
+            raise BounceError(f"IMAP URL {mask_url(source.location)!r}: {exc}") from None
         if url.scheme not in ("imap", "imaps") or not url.hostname:
             raise BounceError(
                 f"IMAP URL must look like imap://user:pass@host:port, not {mask_url(source.location)!r}"

@@ -337,6 +337,12 @@ def message_key(msg: Message, raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(body.strip()).hexdigest()
 
 
+def read_headers(raw: bytes) -> tuple[Message, str]:
+    """A message's headers only (for ``message_key``) and its Subject as one line of text."""
+    msg = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    return msg, _header_text(msg.get("Subject"))
+
+
 def parse_bounce(raw: bytes) -> ParsedMessage:
     """Read one message from the bounce mailbox (no database needed)."""
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)

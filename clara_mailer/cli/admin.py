@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from clara_mailer.cli.app import FORMAT_OPTION, App, main, pass_app, print_rows
+from clara_mailer.core.errors import MailerError
 from clara_mailer.core.vocabulary import OptOutReason, OptOutScope
-from clara_mailer.store.database import Database
 
 
 @main.command("config")
@@ -17,7 +17,20 @@ def config_cmd(app: App) -> None:
     Example: CLARA_SMTP_URL=smtp://user:pw@relay.example:587 clara-mail config
     """
     for name, value in app.settings.masked().items():
+        if name == "secret_key" and app.settings.secret_key is None:
+            value = _stored_secret_key_text(app.settings.database_url)
         click.echo(f"{name} = {value}")
+
+
+def _stored_secret_key_text(database_url: str) -> str:
+    """What `config` says of a secret key not set: read, never generated."""
+    from clara_mailer.store.database import secret_key_stored
+
+    try:
+        stored = secret_key_stored(database_url)
+    except MailerError as exc:
+        return f"(not set here; the database cannot be read: {exc})"
+    return "(generated, stored in the database)" if stored else "(not set)"
 
 
 @main.group("db")
@@ -38,6 +51,8 @@ def db_upgrade(app: App) -> None:
 
     Example: CLARA_DATABASE_URL=postgresql+psycopg://clara@db.example/clara clara-mail db upgrade
     """
+    from clara_mailer.store.database import Database
+
     database = Database(app.settings.database_url)
     try:
         before = database.current_revision()
@@ -64,6 +79,7 @@ def db_copy(app: App, target_url: str, source_url: str | None) -> None:
       clara-mail db copy postgresql+psycopg://clara@db.example/clara
     """
     from clara_mailer.store.copying import check_source_exists, copy_database
+    from clara_mailer.store.database import Database
 
     check_source_exists(source_url or app.settings.database_url)
     source = Database(source_url or app.settings.database_url)
@@ -83,24 +99,42 @@ def db_copy(app: App, target_url: str, source_url: str | None) -> None:
 @click.option("--port", default=8025, show_default=True, type=click.IntRange(1, 65535))
 @pass_app
 def serve_cmd(app: App, host: str, port: int) -> None:
-    """Serve the unsubscribe (/u/TOKEN) and RSVP (/r/TOKEN) pages, and /health.
+    """Serve the unsubscribe (/u/TOKEN) and RSVP (/r/TOKEN) pages, /subscribe, /archive,
+    the dashboard (/admin) and /health; start scheduled sends when they are due.
 
-    Put it behind the HTTPS proxy that answers at CLARA_BASE_URL.
+    Put it behind the HTTPS proxy that answers at CLARA_BASE_URL. Every 30 seconds it
+    starts the scheduled sends that are due (`send --at`), each once even when several
+    servers (or `clara-mail scheduled run`) share the database.
 
     Example: clara-mail serve --host 127.0.0.1 --port 8025
     """
+    import threading
+
     import uvicorn
 
+    from clara_mailer.cli.schedule import run_in_background
+    from clara_mailer.mailer import Mailer
     from clara_mailer.web.app import create_app, uvicorn_log_config
 
-    # The access log shows only a short prefix of each token (a token is a credential).
-    uvicorn.run(
-        create_app(app.mailer),
-        host=host,
-        port=port,
-        server_header=False,
-        log_config=uvicorn_log_config(),
+    stop = threading.Event()
+    runner = Mailer(app.settings)  # its own engine: the web app closes its own on shutdown
+    scheduler = threading.Thread(
+        target=run_in_background, args=(runner, stop), name="clara-schedules", daemon=True
     )
+    scheduler.start()
+    try:
+        # The access log shows only a short prefix of each token (a token is a credential).
+        uvicorn.run(
+            create_app(app.mailer),
+            host=host,
+            port=port,
+            server_header=False,
+            log_config=uvicorn_log_config(),
+        )
+    finally:
+        stop.set()
+        scheduler.join(timeout=60)  # a send under way finishes its in-flight messages
+        runner.close()
 
 
 @main.group("optout")
@@ -203,7 +237,9 @@ def bounces_import(
     """Import bounces from a mailbox: mark deliveries bounced, suppress hard bounces.
 
     Each bounce is matched to its delivery by VERP token, else by the returned
-    Message-ID, else by address. Reading the same mailbox twice changes nothing.
+    Message-ID, else by address. Unsubscribe requests sent to the List-Unsubscribe
+    mailto address (Subject unsubscribe-TOKEN) are applied like the one-click link;
+    a bad token changes nothing. Reading the same mailbox twice changes nothing.
     IMAP messages are flagged \\Seen and $ClaraProcessed (or moved with --move-to).
 
     \b
@@ -226,7 +262,7 @@ def bounces_import(
     report = app.mailer.import_bounces(source, dry_run=dry_run, campaign=campaign)
     prefix = "Dry run, nothing changed: " if dry_run else ""
     click.echo(f"{prefix}{report.source}")
-    for name, value in report.counts().items():
+    for name, value in [*report.counts().items(), *report.unsubscribe_counts().items()]:
         click.echo(f"  {name + ':':<22}{value}")
     for warning in report.warnings:
         click.echo(

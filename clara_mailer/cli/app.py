@@ -3,40 +3,58 @@ that turns library errors into one line and an exit status, and table output."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from clara_mailer import __version__
 from clara_mailer.core.errors import MailerError
-from clara_mailer.core.settings import Settings, load_settings
-from clara_mailer.mailer import Mailer
+
+if TYPE_CHECKING:  # imported where used: `--version` and `--help` load no database or rich
+    from rich.console import Console
+
+    from clara_mailer.core.settings import Settings
+    from clara_mailer.mailer import Mailer
 
 
 class App:
     """The command's context: settings, then the Mailer, created on first use."""
 
+    #: ``--project DIR``; else CLARA_PROJECT, else clara-mail.toml here or in a parent.
+    project: Path | None = None
+
     @cached_property
     def settings(self) -> Settings:
+        from clara_mailer.core.settings import load_settings, project_folder
+
+        if self.project is not None:
+            return load_settings(project_folder(self.project, "--project"))
         return load_settings()
 
     @cached_property
     def mailer(self) -> Mailer:
+        from clara_mailer.mailer import Mailer
+
         return Mailer(self.settings)
 
     @cached_property
     def out(self) -> Console:
+        from rich.console import Console
+
         # Piped output (files, CI, tests) gets wide tables instead of truncated cells.
         width = None if sys.stdout.isatty() else 160
         return Console(highlight=False, soft_wrap=True, width=width)
 
     @cached_property
     def err(self) -> Console:
+        from rich.console import Console
+
         width = None if sys.stderr.isatty() else 160
         return Console(stderr=True, highlight=False, soft_wrap=True, width=width)
 
@@ -48,15 +66,62 @@ class App:
 pass_app = click.make_pass_decorator(App, ensure=True)
 
 
+#: Errors without a file name that say the output could not be written (a full disk,
+#: a quota, a dead terminal): the output is standard output.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+#: Exit status of a file or output that cannot be written: 2, as for input that cannot be
+#: used at all (README): the command did nothing useful and a rerun as is fails the same
+#: way. 1 would read as "done, some rows or recipients refused".
+OUTPUT_ERROR_EXIT = 2
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's last flush of what could
+    not be written fails no more (and prints no second error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (CliRunner): nothing is flushed at exit
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file or output the command could not open, read or write."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"cannot write or read {exc.filename}: {reason}"
+    if exc.errno in _WRITE_ERRNOS:
+        return f"cannot write the output: {reason}"
+    return reason
+
+
 class MailerGroup(click.Group):
-    """A group that turns library errors into one clear line and an exit status."""
+    """A group that turns library errors into one clear line and an exit status.
+
+    A file or output that cannot be written (``preview --output missing-dir/x.html``,
+    ``recipients list > /dev/full``) is one line and exit 2; a closed pipe (``| head``)
+    ends the command quietly, as click does (exit 1, nothing printed).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a full disk shows here, not in the interpreter's last flush
+            return result
         except MailerError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            raise  # click's main: no message, and no second error when Python exits
+        except OSError as exc:
+            if exc.filename is None:
+                _discard_stdout()
+            click.echo(f"Error: {os_error_line(exc)}", err=True)
+            ctx.exit(OUTPUT_ERROR_EXIT)
 
 
 FORMAT_OPTION = click.option(
@@ -80,6 +145,8 @@ def print_rows(
 
         write_csv(sys.stdout, columns, rows)
     else:
+        from rich.table import Table
+
         table = Table(title=title, show_lines=False)
         for column in columns:
             if column == "slug":  # what users type: never truncated nor wrapped
@@ -94,8 +161,15 @@ def print_rows(
 
 @click.group(cls=MailerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="clara-mail")
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="The project folder (with clara-mail.toml). Default: $CLARA_PROJECT, else the "
+    "working directory or the nearest parent with a clara-mail.toml.",
+)
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, project: Path | None) -> None:
     """Dissemination campaigns and newsletters for the CLARA project.
 
     \b
@@ -105,8 +179,10 @@ def main(ctx: click.Context) -> None:
       clara-mail send newsletter-2022-01 --segment local-police
       clara-mail report newsletter-2022-01
 
-    Settings come from clara-mail.toml in the working directory and CLARA_*
-    environment variables (see `clara-mail config`).
+    Settings come from the project's clara-mail.toml (in the working directory
+    or a parent; `clara-mail init DIR` makes one) and CLARA_* environment
+    variables (see `clara-mail config`).
     """
     app = ctx.ensure_object(App)
+    app.project = project
     ctx.call_on_close(app.close)

@@ -18,6 +18,7 @@ from clara_mailer.cli.app import App, main, pass_app, print_rows
 def campaigns_cmd(app: App, fmt: str) -> None:
     """List the campaigns defined in the templates folder.
 
+    A send recorded with `send --at` shows its time (UTC) under "scheduled".
     Campaigns with a delivery log also show when they started and finished, how
     many were sent, deferred, failed, bounced, unknown, skipped, and opted out since.
 
@@ -26,7 +27,16 @@ def campaigns_cmd(app: App, fmt: str) -> None:
     from clara_mailer.reporting.report import OVERVIEW_COLUMNS
 
     rows = app.mailer.campaigns()
-    columns = ["slug", "kind", "languages", "default_segments", "subject", *OVERVIEW_COLUMNS]
+    scheduled: dict[str, list[str]] = {}
+    for item in app.mailer.schedules(active_only=True):  # `send --at`, not started or running
+        when = f"{item['due_at']} UTC" + (" (running)" if item["state"] == "running" else "")
+        scheduled.setdefault(item["campaign"], []).append(when)
+    for row in rows:
+        row["scheduled"] = "; ".join(scheduled.get(row["slug"], [])) or None
+    columns = [
+        "slug", "kind", "languages", "default_segments", "subject", "scheduled",
+        *OVERVIEW_COLUMNS,
+    ]  # fmt: skip
     print_rows(app, rows, columns, fmt, title=f"Campaigns in {app.settings.templates_dir}")
 
 
@@ -38,12 +48,20 @@ def check_cmd(app: App, campaign: str) -> None:
 
     Checks template errors, unknown variables, missing languages, the unsubscribe
     link, message size (over 100 kB) and subject length (over 78 characters).
+    Warns (on stderr, exit status 0) of an invitation whose venue is not set or whose
+    event is past, and of each empty legal-footer setting (SMTP sends need them all).
 
     Example: clara-mail check newsletter-2022-01
     """
-    from clara_mailer.core.errors import CheckFailed
+    from clara_mailer.core.errors import CampaignError, CheckFailed
 
     problems = app.mailer.check(campaign)
+    try:
+        warnings = app.mailer.warnings(campaign)
+    except CampaignError:  # a definition that does not load: the problems say why
+        warnings = []
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if problems:
         raise CheckFailed(campaign, problems)
     click.echo(f"{campaign}: OK")
@@ -60,6 +78,11 @@ def check_cmd(app: App, campaign: str) -> None:
 )  # fmt: skip
 @click.option("--output", type=click.Path(dir_okay=False), help="Write here, not stdout.")
 @click.option("--open", "open_it", is_flag=True, help="Open the file in a viewer.")
+@click.option(
+    "--serve", is_flag=True,
+    help="Serve a live preview on 127.0.0.1 that reloads when a file of the campaign changes.",
+)  # fmt: skip
+@click.option("--port", default=8026, show_default=True, type=click.IntRange(0, 65535))
 @pass_app
 def preview_cmd(
     app: App,
@@ -70,16 +93,36 @@ def preview_cmd(
     fmt: str,
     output: str | None,
     open_it: bool,
+    serve: bool,
+    port: int,
 ) -> None:
     """Write what one recipient of CAMPAIGN would receive; nothing is sent.
 
     Without --recipient, a sample recipient in --language and --segment is used.
+    With --serve, show it in the browser while you write: HTML (desktop and phone
+    width), text part and headers, per language and segment, reloaded at each save,
+    with check's problems in place of the message when there are any.
 
-    Example: clara-mail preview conference-2022-02-04 --language en --format eml --output inv.eml
+    \b
+    Examples:
+      clara-mail preview conference-2022-02-04 --language en --format eml --output inv.eml
+      clara-mail preview spring-2022 --serve
     """
     import tempfile
     from pathlib import Path
 
+    if serve:
+        import uvicorn
+
+        from clara_mailer.web.preview import create_preview_app
+
+        url = f"http://127.0.0.1:{port}/"
+        click.echo(f"Live preview of {campaign} at {url} (Ctrl-C to stop)", err=True)
+        if open_it:
+            click.launch(url)
+        preview_app = create_preview_app(app.mailer, campaign)
+        uvicorn.run(preview_app, host="127.0.0.1", port=port, log_level="warning")
+        return
     if address is not None and (language or segment):
         raise click.UsageError("give --recipient, or --language/--segment, not both")
     data = app.mailer.preview(

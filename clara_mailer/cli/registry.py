@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from clara_mailer.cli.app import FORMAT_OPTION, App, main, pass_app, print_rows
+
+if TYPE_CHECKING:  # the importer is loaded by the import command only
+    from clara_mailer.registry.importer import ImportReport
 
 
 @main.group("recipients")
@@ -53,15 +56,20 @@ def recipients_show(app: App, address: str, fmt: str) -> None:
             click.echo(f"{key.replace('_', ' ')}: {value}")
 
 
-@main.command("segments")
+@main.group("segments", invoke_without_command=True)
 @FORMAT_OPTION
 @pass_app
-def segments_cmd(app: App, fmt: str) -> None:
-    """List segments with their member counts.
+@click.pass_context
+def segments_cmd(ctx: click.Context, app: App, fmt: str) -> None:
+    """List segments with their member counts; create, rename or delete one.
 
-    Example: clara-mail segments --format json
+    \b
+    Examples:
+      clara-mail segments --format json
+      clara-mail segments create press-offices --name "Press offices"
     """
-    print_rows(app, app.mailer.segments(), ["slug", "name", "members"], fmt, title="Segments")
+    if ctx.invoked_subcommand is None:
+        print_rows(app, app.mailer.segments(), ["slug", "name", "members"], fmt, title="Segments")
 
 
 class _ImportProgress:
@@ -87,7 +95,7 @@ class _ImportProgress:
         if self.bar is not None:
             self.bar.stop()
             self.task = None
-        click.echo(report.summary())
+        click.echo(import_summary(report))
         for reject in report.sample_rejects:
             click.echo(f"  {report.path}:{reject.line}: {reject.reason}", err=True)
         if report.rejected > len(report.sample_rejects):
@@ -95,11 +103,45 @@ class _ImportProgress:
             click.echo(f"  ... and {more} more rejected row(s)", err=True)
 
 
+def import_summary(report: ImportReport) -> str:
+    """One line per file: what was read and what was done with it."""
+    if report.skipped:
+        return f"{report.path}: skipped ({report.skipped})"
+    counts = (
+        f"{report.read} rows ({report.encoding}, {report.delimiter}-separated): "
+        f"{report.added} added, {report.updated} updated, "
+        f"{report.gained_segment} gained a segment, {report.unchanged} unchanged, "
+        f"{report.duplicates} duplicate(s), {report.rejected} rejected"
+    )
+    if report.dry_run:
+        text = f"{report.path}: {counts}; dry run: nothing written"
+    elif not report.committed:
+        # --strict refused the file: the counts are what would have happened.
+        text = (
+            f"{report.path}: nothing imported: --strict and {report.rejected} row(s) "
+            f"rejected; had they been fixed: {counts}"
+        )
+    else:
+        text = f"{report.path}: {counts}"
+    if report.created_segments and report.committed:
+        text += f"; created segment(s) {', '.join(report.created_segments)}"
+    if report.rejects_path is not None:
+        text += f"; rejected rows written to {report.rejects_path}"
+    return text
+
+
 @main.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--segment", metavar="SLUG", help="Segment for rows without a segment column.")
 @click.option("--dry-run", is_flag=True, help="Check and count everything; write nothing.")
 @click.option("--strict", is_flag=True, help="Import nothing from a file with a rejected row.")
+@click.option(
+    "--rejects",
+    "rejects",
+    type=click.Path(),
+    help="Write rejected rows here: a folder (NAME.rejects.csv in it) or, for one input, a "
+    "file. Default: NAME.rejects.csv in the working directory.",
+)
 @click.option(
     "--column",
     "columns",
@@ -117,6 +159,7 @@ def import_cmd(
     segment: str | None,
     dry_run: bool,
     strict: bool,
+    rejects: str | None,
     columns: tuple[str, ...],
     create_segments: bool,
     update: bool,
@@ -126,7 +169,8 @@ def import_cmd(
     Headers are matched in English or Spanish (email/correo, name/nombre,
     organisation/entidad, segment/segmento, language/idioma, country/país,
     consent basis/base jurídica, source/origen). Rejected rows go to
-    FILE.rejects.csv beside each input. Exit status: 0 all rows taken, 1 some
+    NAME.rejects.csv in the working directory (or --rejects PATH), with the line and
+    the reason. Exit status: 0 all rows taken, 1 some
     rejected, 2 a file that cannot be read as a table (the others are still
     imported, each file in its own transaction).
 
@@ -153,6 +197,7 @@ def import_cmd(
         columns=mapping,
         create_segments=create_segments,
         update=update,
+        rejects=Path(rejects) if rejects else Path.cwd(),
     )
     paths = [Path(f) for f in files]
     try:

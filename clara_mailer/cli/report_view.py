@@ -21,7 +21,6 @@ from rich.text import Text
 from clara_mailer.core.errors import InputError
 from clara_mailer.core.vocabulary import RsvpAnswer, Status
 from clara_mailer.reporting.exports import write_deliveries_csv, write_json
-from clara_mailer.reporting.html import render_html
 from clara_mailer.reporting.report import (
     TOP_FAILURES,
     CampaignReport,
@@ -98,6 +97,8 @@ def _writer(
     if fmt == "json":
         return lambda console: write_json(console.file, report, listed)
     if fmt == "html":
+        from clara_mailer.reporting.html import render_html  # jinja2: only for --format html
+
         return lambda console: _write_text(console.file, render_html(report, listed))
     return lambda console: print_report(console, report, listed, wanted)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
 from clara_mailer.cli.app import App, main, pass_app
 from clara_mailer.core.vocabulary import Status
@@ -23,6 +22,22 @@ if TYPE_CHECKING:  # the sending packages are imported only when a send runs
     "segments",
     multiple=True,
     help="Segment to send to (repeatable; default: the campaign's).",
+)
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=VALUE[:CAMPAIGN]",
+    help="Only members who match (repeatable, all must hold): rsvp=yes|no|none:CAMPAIGN, "
+    "status=sent|failed|bounced|deferred|unknown|skipped:CAMPAIGN, language=es|en, "
+    "country=XX; VALUE may list alternatives: status=failed,bounced:CAMPAIGN.",
+)
+@click.option(
+    "--exclude-segment",
+    "exclude_segments",
+    multiple=True,
+    metavar="SLUG",
+    help="Leave out the members of this segment (repeatable).",
 )
 @click.option("--dry-run", is_flag=True, help="Render every message, send nothing, write nothing.")
 @click.option(
@@ -59,11 +74,21 @@ if TYPE_CHECKING:  # the sending packages are imported only when a send runs
     "--allow-changed-templates", is_flag=True, help="Resume even though the templates changed."
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before sending.")
+@click.option(
+    "--at",
+    "at",
+    metavar="TIME",
+    help="Do not send now: record the send for TIME (ISO 8601 with its UTC offset, e.g. "
+    "2022-01-20T09:00+01:00); `clara-mail serve` or `clara-mail scheduled run` starts it.",
+)
+@click.option("--cancel-schedule", is_flag=True, help="Cancel CAMPAIGN's scheduled send.")
 @pass_app
 def send_cmd(
     app: App,
     campaign: str,
     segments: tuple[str, ...],
+    where: tuple[str, ...],
+    exclude_segments: tuple[str, ...],
     dry_run: bool,
     test_to: str | None,
     limit: int | None,
@@ -73,6 +98,8 @@ def send_cmd(
     allow_changed_templates: bool,
     yes: bool,
     processes: int,
+    at: str | None,
+    cancel_schedule: bool,
 ) -> None:
     """Send CAMPAIGN to its segments, recording every recipient's outcome.
 
@@ -87,9 +114,13 @@ def send_cmd(
       clara-mail send conference-2022-02-04 --test-to me@clara.example
       clara-mail send newsletter-2022-01 --yes --concurrency 8 --rate 20
       clara-mail send newsletter-2022-01 --yes --processes 2   # use both cores
+      clara-mail send reminder --where rsvp=none:conference-2022-02-04
+      clara-mail send newsletter-2022-01 --at 2022-01-20T09:00+01:00
     """
+    from clara_mailer.plan.filters import parse_filters
     from clara_mailer.plan.plan import SendOptions
 
+    parse_filters(where)  # a mistyped filter is refused before anything else (exit 2)
     options = SendOptions(
         segments=segments,
         limit=limit,
@@ -97,17 +128,37 @@ def send_cmd(
         rate=rate,
         resend_unknown=resend_unknown,
         allow_changed_templates=allow_changed_templates,
+        where=where,
+        exclude_segments=exclude_segments,
     )
+    if cancel_schedule or at is not None:
+        from clara_mailer.cli.schedule import cancel, record_schedule
+
+        if (cancel_schedule and at is not None) or dry_run or test_to:
+            raise click.UsageError(
+                "--at and --cancel-schedule go alone (not with each other, --dry-run or --test-to)"
+            )
+        if cancel_schedule:
+            cancel(app, campaign)
+        else:
+            record_schedule(app, campaign, str(at), options)
+        return
     if test_to:
         for language, segment, result in app.mailer.send_test(campaign, test_to, segments):
             click.echo(
                 f"{language}/{segment}: {result.outcome} {result.code or ''} {result.reply}".rstrip()
             )
+        _print_warnings(app, campaign)
         return
     if dry_run:
         report = app.mailer.dry_run(campaign, options)
-        for segment, count in report.rendered.items():
-            click.echo(f"{segment}: {count} message(s) rendered")
+        _print_warnings(app, campaign)
+        for segment in report.segments or tuple(report.rendered):
+            click.echo(f"{segment}: {report.rendered.get(segment, 0)} message(s) rendered")
+        if where or exclude_segments:
+            chosen = [f"--where {w}" for w in where]
+            chosen += [f"--exclude-segment {s}" for s in exclude_segments]
+            click.echo(f"(members matching {' '.join(chosen)})")
         click.echo(f"suppressed: {report.suppressed}; largest message: {report.largest} bytes")
         for problem in report.problems:
             click.echo(f"problem: {problem}", err=True)
@@ -119,6 +170,7 @@ def send_cmd(
     # Read-only first: a send declined at the prompt (or without a terminal to ask on)
     # leaves no campaign row and no delivery row behind.
     preview = preview_plan(mailer.db, mailer.settings, mailer.signer, campaign, options)
+    _print_warnings(app, campaign)  # an SMTP send with an incomplete footer was refused
     _print_plan(app, preview)
     if preview.to_send == 0:
         click.echo("Nothing to send.")
@@ -127,6 +179,8 @@ def send_cmd(
             command = " ".join(
                 ["clara-mail", "send", campaign]
                 + [f"--segment {segment}" for segment in segments]
+                + [f"--where {w}" for w in where]
+                + [f"--exclude-segment {s}" for s in exclude_segments]
                 + ["--resend-unknown"]
             )
             click.echo(
@@ -146,7 +200,17 @@ def send_cmd(
         raise SystemExit(1)  # refused (5xx) in this run: see the report
 
 
+def _print_warnings(app: App, campaign: str) -> None:
+    """``Warning:`` lines on stderr (invitation venue or date, empty footer settings), once
+    the send goes ahead: an error stays one line, and an SMTP send with an incomplete
+    footer has been refused by then (the outbox, dry runs and test samples only warn)."""
+    for warning in app.mailer.warnings(campaign):
+        click.echo(f"Warning: {warning}", err=True)
+
+
 def _print_plan(app: App, plan: Plan) -> None:
+    from rich.table import Table
+
     statuses = [s for s in Status if s != Status.SENDING]
     table = Table(title=f"{plan.campaign.slug} ({plan.campaign.kind})")
     table.add_column("segment")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from clara_mailer.core.errors import CampaignError, NotFound
+from clara_mailer.compose.markdown import apply_front_matter, body_file
+from clara_mailer.core.errors import CampaignError, ConfigError, NotFound
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.vocabulary import CampaignKind, choices
 
@@ -71,7 +72,10 @@ class CampaignDef:
     project: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def template_file(self, language: str) -> Path:
-        return self.path / f"{language}.html.j2"
+        """``<language>.html.j2``, or the Markdown body ``body.<language>.md`` given instead."""
+        markdown = body_file(self.path, language)
+        html = self.path / f"{language}.html.j2"
+        return markdown if markdown.is_file() and not html.is_file() else html
 
     @property
     def toml_path(self) -> Path:
@@ -198,7 +202,8 @@ def campaign_dir(settings: Settings, slug: str) -> Path:
 
 
 def load_campaign(settings: Settings, slug: str) -> CampaignDef:
-    """Read and validate ``templates/email/<slug>/campaign.toml``."""
+    """Read and validate ``templates/email/<slug>/campaign.toml``, with the settings that
+    apply to every campaign (``sender_address``)."""
     path = campaign_dir(settings, slug)
     toml_path = path / CAMPAIGN_FILE
     if not toml_path.is_file():
@@ -222,9 +227,17 @@ def load_campaign(settings: Settings, slug: str) -> CampaignDef:
     segments = r.get("default_segments", list, [])
     if not all(isinstance(s, str) and s for s in segments):
         raise r.fail("default_segments", "must be a list of segment names")
+    # The sender_address setting, when set, replaces every campaign's [sender] address
+    # (and with it the domain of Message-IDs and the defaults derived from it).
     sender = r.address("sender.address")
+    if settings.sender_address:
+        sender = settings.sender_address
+        if not (sender.isascii() and _ADDR.match(sender)):
+            raise ConfigError(f"sender_address: {sender!r} is not a plain ASCII address")
     subjects = r.per_language("subject", languages)
     preheaders = r.per_language("preheader", languages)
+    # Markdown bodies (body.<language>.md) may give them in their front matter instead.
+    apply_front_matter(path, languages, subjects, preheaders, toml_path)
     event = _read_event(r, languages) if kind == CampaignKind.INVITATION else None
     domain = sender.rpartition("@")[2].lower()
     list_id = r.text("list_id", f"{kind}.{domain}")

@@ -40,6 +40,7 @@ from premailer import Premailer
 from clara_mailer.compose.campaigns import CampaignDef, load_campaign
 from clara_mailer.compose.headers import address_header, ascii_header, wire_address
 from clara_mailer.compose.ics import ICS_FILENAME, event_ics
+from clara_mailer.compose.markdown import MarkdownLoader
 from clara_mailer.compose.textpart import html_to_text
 from clara_mailer.core.errors import CampaignError, ConfigError, MailerError
 from clara_mailer.core.settings import Settings
@@ -227,7 +228,8 @@ class Renderer:
         if not self.base_url.isascii():
             raise ConfigError(f"base_url must be ASCII (IDNA), not {settings.base_url!r}")
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader([str(defn.path), str(Path(settings.templates_dir))]),
+            # Markdown bodies (body.<language>.md) load as templates extending the layout.
+            loader=MarkdownLoader([str(defn.path), str(Path(settings.templates_dir))]),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
@@ -272,6 +274,8 @@ class Renderer:
             "preheader": d.preheaders.get(language, ""),
             "sender_name": d.display_name(language),
             "unsubscribe_url": f"{self.base_url}/u/{utoken}",
+            # The campaign's public archive page in this language ("view in browser").
+            "view_url": f"{self.base_url}/archive/{d.slug}/{language}",
             "segment_names": STANDARD_SEGMENTS,
         }
         if d.event is not None:
@@ -664,3 +668,50 @@ def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = No
             )
     # One Jinja error shows up once per variant: report it once.
     return list(dict.fromkeys(problems))
+
+
+#: The settings of the legal footer, each with what a message lacks while it is empty.
+#: Sending over SMTP is refused until every one is set (``plan.checked_campaign``).
+FOOTER_SETTINGS = {
+    "sender_legal_name": "the footer does not say who sends the message and holds the data",
+    "sender_postal_address": "the footer gives no postal address",
+    "controller_contact": "the footer names no data controller contact (it says to reply)",
+    "privacy_url": "the footer links to no privacy notice",
+}
+
+
+def campaign_warnings(settings: Settings, defn: CampaignDef, now: dt.datetime) -> list[str]:
+    """What a send of ``defn`` at ``now`` (aware) may go out with but should not: an
+    invitation without its venue or to an event already past, and each empty footer
+    setting. One line each; none stops ``check``, an empty footer setting stops an SMTP send."""
+    warnings: list[str] = []
+    ev = defn.event
+    if ev is not None:
+        toml = defn.toml_path
+        empty = [key for key in ("venue_name", "venue_address") if not getattr(ev, key)]
+        if empty:
+            keys = " and ".join(f"[event] {key}" for key in empty)
+            verb = "are" if len(empty) > 1 else "is"
+            warnings.append(
+                f"{toml}: {keys} {verb} empty: the venue is not set, the invitation says "
+                f"only {defn.location(defn.languages[0])!r}"
+            )
+        when = f"{ev.start:%Y-%m-%d %H:%M} ({ev.timezone})"
+        now = now if now.tzinfo is not None else now.replace(tzinfo=dt.UTC)
+        if ev.end <= now:
+            warnings.append(
+                f"{toml}: [event] start {when} is in the past: "
+                "this invitation announces an event that has already taken place"
+            )
+        elif ev.start <= now:
+            warnings.append(
+                f"{toml}: [event] start {when} is in the past: "
+                "this invitation announces an event that has already begun"
+            )
+    for name, lack in FOOTER_SETTINGS.items():
+        if not getattr(settings, name):
+            warnings.append(
+                f"setting {name} is not set: {lack}; set it in clara-mail.toml or as "
+                f"CLARA_{name.upper()} (sending over SMTP is refused until it is)"
+            )
+    return warnings

@@ -29,6 +29,12 @@ from clara_mailer.core.errors import ConfigError
 from clara_mailer.core.resources import EMAIL_TEMPLATES
 
 CONFIG_FILE = "clara-mail.toml"
+#: Names the project folder (the one holding clara-mail.toml), as ``--project`` does.
+PROJECT_VARIABLE = "CLARA_PROJECT"
+#: A project's campaigns folder: ``templates_dir`` when the file names none.
+PROJECT_CAMPAIGNS = "campaigns"
+#: Settings that name a file or folder: relative in clara-mail.toml, they are in the project.
+_PROJECT_PATHS = ("outbox_dir", "templates_dir", "dkim_key_file")
 #: What ``core.tokens.TokenSigner`` needs of a configured secret key (UTF-8 bytes).
 SECRET_KEY_MIN_BYTES = 16
 #: Longest wait or lifetime a setting may name: far beyond any use, short of overflowing
@@ -73,6 +79,15 @@ class Settings:
     sender_postal_address: str | None = None
     controller_contact: str | None = None
     privacy_url: str | None = None
+    # The From address of every campaign, replacing each campaign.toml's [sender] address.
+    sender_address: str | None = None
+    # The subscribe form (``/subscribe``): the segments it offers (slugs separated by
+    # commas; none: no form), the consent text shown in each language (none: the built-in
+    # one) and how long a confirmation link stays valid.
+    subscribe_segments: str | None = None
+    consent_text_es: str | None = None
+    consent_text_en: str | None = None
+    confirm_hours: int = 48
 
     @property
     def retry_in_run_delays(self) -> tuple[float, ...]:
@@ -251,6 +266,36 @@ def _secret_key(raw: object) -> str:
     return raw
 
 
+_SEGMENT_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+#: Longest consent text a setting may hold (it is stored, and shown on every form).
+CONSENT_TEXT_MAX = 2000
+
+
+def _segment_list(raw: object) -> str:
+    """``"associations, city-networks"`` (or a TOML list) -> ``"associations,city-networks"``."""
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = [str(item).strip() for item in raw]
+    elif isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",")]
+    else:
+        raise _Invalid(f"must be segment names separated by commas, not {raw!r}")
+    items = [item for item in items if item]
+    for item in items:
+        if not _SEGMENT_SLUG.match(item):
+            raise _Invalid(
+                f"must be segment names (lowercase letters, digits and -) separated by "
+                f"commas: {item!r} is not one"
+            )
+    return ",".join(dict.fromkeys(items))
+
+
+def _consent_text(raw: object) -> str:
+    text = _text(raw)
+    if len(text) > CONSENT_TEXT_MAX:
+        raise _Invalid(f"must be at most {CONSENT_TEXT_MAX} characters (this one has {len(text)})")
+    return text
+
+
 def _address(raw: object) -> str:
     address = _text(raw)
     local, at, domain = address.rpartition("@")
@@ -285,6 +330,11 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "sender_postal_address": _text,
     "controller_contact": _text,
     "privacy_url": _web_url,
+    "sender_address": _address,
+    "subscribe_segments": _segment_list,
+    "consent_text_es": _consent_text,
+    "consent_text_en": _consent_text,
+    "confirm_hours": _number(int, "whole hours", 1, 24 * 90),
 }
 assert set(_PARSERS) == {f.name for f in fields(Settings)}, "every setting needs a parser"
 
@@ -340,13 +390,59 @@ def _check(name: str, raw: object, where: str) -> Any:
         raise ConfigError(f"{where}: {name} {exc}") from None
 
 
+def project_folder(path: Path, where: str) -> Path:
+    """``path`` as a project folder (absolute), or a ConfigError naming ``where`` (the
+    option or variable that gave it) when it holds no clara-mail.toml."""
+    folder = path.expanduser().absolute()
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{where}: no {CONFIG_FILE} in {folder} (make a project there with: "
+            f"clara-mail init {path})"
+        )
+    return folder
+
+
+def find_project(
+    start: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
+    """The project folder, as git finds its repository: ``CLARA_PROJECT`` when set, else
+    the nearest of ``start`` (the working directory) and its parents that holds
+    clara-mail.toml; None when there is none (the defaults apply, in the working directory)."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(PROJECT_VARIABLE, "").strip()
+    if named:
+        return project_folder(Path(named), PROJECT_VARIABLE)
+    here = (Path.cwd() if start is None else start).absolute()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
+def _in_project(name: str, value: Any, folder: Path) -> Any:
+    """A value read from the project's file, with a relative path made one in ``folder``."""
+    if name in _PROJECT_PATHS and isinstance(value, Path) and not value.is_absolute():
+        return folder.absolute() / value
+    if name == "database_url" and isinstance(value, str):
+        scheme, _, rest = value.partition("://")
+        file, sep, query = rest[1:].partition("?") if rest.startswith("/") else ("", "", "")
+        relative = file and file != ":memory:" and not file.startswith(("/", "file:"))
+        if scheme.partition("+")[0].lower() == "sqlite" and relative:
+            return f"{scheme}:///{folder.absolute() / file}{sep}{query}"
+    return value
+
+
 def load_settings(
     directory: Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
-    """Read and check the settings that apply in ``directory`` (default: the working
-    directory). ``overrides`` (keyword arguments) win over both, and are checked too."""
-    directory = Path.cwd() if directory is None else directory
+    """Read and check the settings of the project in ``directory`` (default: the one
+    ``find_project`` finds, else the working directory). ``overrides`` (keyword arguments)
+    win over both, and are checked too. Relative paths in the file (the SQLite database,
+    ``outbox_dir``, ``templates_dir``, ``dkim_key_file``) are in the project folder, and a
+    project's ``templates_dir`` is its ``campaigns/`` folder unless set otherwise."""
     environ = os.environ if environ is None else environ
+    if directory is None:
+        directory = find_project(environ=environ) or Path.cwd()
     known = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -362,6 +458,10 @@ def load_settings(
             if name not in known:
                 raise ConfigError(f"{path}: {_unknown(key, known)}")
             take(name, raw, str(path))
+            values[name] = _in_project(name, values[name], directory)
+        campaigns = directory / PROJECT_CAMPAIGNS
+        if values.get("templates_dir") is None and campaigns.is_dir():
+            values["templates_dir"] = campaigns
 
     for name in known:
         env_name = f"CLARA_{name.upper()}"

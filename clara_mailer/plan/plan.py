@@ -14,10 +14,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from clara_mailer.compose.campaigns import CampaignDef, load_campaign, template_hash
-from clara_mailer.compose.render import RecipientView, Renderer, check_campaign
+from clara_mailer.compose.render import (
+    FOOTER_SETTINGS,
+    RecipientView,
+    Renderer,
+    check_campaign,
+)
 from clara_mailer.core.errors import CheckFailed, MailerError, NotFound, SendError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
@@ -30,6 +35,7 @@ from clara_mailer.deliverylog.log import (
     segment_ids,
 )
 from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.plan.filters import member_conditions, parse_filters
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Recipient, Segment, recipient_segments
 
@@ -43,6 +49,10 @@ class SendOptions:
     resend_unknown: bool = False
     allow_changed_templates: bool = False
     worker_id: str | None = None
+    #: ``send --where`` filters (``plan.filters``) and ``--exclude-segment``: who of the
+    #: segments' members gets a row (rows planned before stay as they are).
+    where: tuple[str, ...] = ()
+    exclude_segments: tuple[str, ...] = ()
 
 
 @dataclass
@@ -79,11 +89,31 @@ class CheckedCampaign:
 
 
 def checked_campaign(
-    db: Database, settings: Settings, signer: TokenSigner, slug: str, segments: tuple[str, ...]
+    db: Database,
+    settings: Settings,
+    signer: TokenSigner,
+    slug: str,
+    segments: tuple[str, ...],
+    *,
+    real_send: bool = False,
 ) -> CheckedCampaign:
     """Load and check the campaign and resolve its segments: what every send path needs
-    before it renders anything."""
+    before it renders anything.
+
+    ``real_send``: the caller delivers to the campaign's recipients (not a dry run, not
+    a test sample). Over SMTP (``settings.smtp_url`` set) that is refused, before anything
+    is written or sent, while a setting of the legal footer is empty; to the outbox it is
+    not (the shells show ``campaign_warnings`` instead)."""
     defn = load_campaign(settings, slug)
+    missing = [name for name in FOOTER_SETTINGS if not getattr(settings, name)]
+    if real_send and settings.smtp_url and missing:
+        raise SendError(
+            f"refusing to send {slug!r} over SMTP: the legal footer setting(s) "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty; "
+            "set them in clara-mail.toml or as "
+            f"{', '.join(f'CLARA_{name.upper()}' for name in missing)} "
+            "(without smtp_url, send writes to the outbox; --test-to and --dry-run only warn)"
+        )
     chosen = segments or defn.default_segments
     if not chosen:
         raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
@@ -106,7 +136,7 @@ def prepare_send(
     db: Database, settings: Settings, signer: TokenSigner, slug: str, options: SendOptions
 ) -> Plan:
     """Check the campaign, then create the delivery rows for the chosen segments."""
-    checked = checked_campaign(db, settings, signer, slug, options.segments)
+    checked = checked_campaign(db, settings, signer, slug, options.segments, real_send=True)
     return _commit(db, signer, checked, options)
 
 
@@ -116,14 +146,14 @@ def preview_plan(
     """What ``prepare_send`` would do, written nowhere: the rows it would add per segment
     (queued, skipped as suppressed), the rows already there, and the resulting counts.
     Raises what the commit would raise (changed templates) before anyone is asked."""
-    checked = checked_campaign(db, settings, signer, slug, options.segments)
+    checked = checked_campaign(db, settings, signer, slug, options.segments, real_send=True)
     defn = checked.defn
     check_templates(
         db, defn.slug, template_hash(defn), allow_changed_templates=options.allow_changed_templates
     )
     names = [name for _, name in checked.segments]
     log = DeliveryLog(db, checked.campaign_id, options.worker_id)
-    planned = log.preview_plan(checked.segments, signer, defn.kind)
+    planned = log.preview_plan(checked.segments, signer, defn.kind, _where(db, options))
     counts = log.status_counts(names) if checked.campaign_id else {}
     requeued = 0
     if options.resend_unknown:
@@ -162,7 +192,9 @@ def commit_plan(
     with db.session() as s:
         ids = segment_ids(s, plan.segments)
     if len(ids) != len(plan.segments) or plan.renderer is None:  # a segment went meanwhile
-        checked = checked_campaign(db, settings, signer, plan.campaign.slug, options.segments)
+        checked = checked_campaign(
+            db, settings, signer, plan.campaign.slug, options.segments, real_send=True
+        )
     else:  # the campaign was checked by the preview: its renderer is reused
         checked = CheckedCampaign(plan.campaign, ids, plan.campaign_id, plan.renderer)
     return _commit(db, signer, checked, options)
@@ -181,7 +213,7 @@ def _commit(
         allow_changed_templates=options.allow_changed_templates,
     )
     log = DeliveryLog(db, campaign_id, options.worker_id)
-    planned = log.plan(checked.segments, signer, defn.kind)
+    planned = log.plan(checked.segments, signer, defn.kind, _where(db, options))
     requeued = log.requeue_unknown() if options.resend_unknown else 0
     return Plan(
         campaign=defn,
@@ -195,6 +227,15 @@ def _commit(
     )
 
 
+def _where(db: Database, options: SendOptions) -> list[ColumnElement[bool]]:
+    """The member conditions of ``options.where`` and ``options.exclude_segments``."""
+    if not options.where and not options.exclude_segments:
+        return []
+    filters = parse_filters(options.where)
+    with db.session() as s:
+        return member_conditions(s, filters, options.exclude_segments)
+
+
 # -- dry runs ----------------------------------------------------------------------
 
 
@@ -202,6 +243,8 @@ def _commit(
 class DryRun:
     campaign: str
     rendered: Counter[str] = field(default_factory=Counter)  # segment -> messages
+    #: The segments taken, in order (those with no message rendered too).
+    segments: tuple[str, ...] = ()
     suppressed: int = 0
     problems: list[str] = field(default_factory=list)
     largest: int = 0
@@ -213,7 +256,8 @@ def dry_run(
     """Render every message the send would make, write nothing, send nothing."""
     checked = checked_campaign(db, settings, signer, slug, options.segments)
     defn = checked.defn
-    result = DryRun(slug)
+    result = DryRun(slug, segments=tuple(name for _, name in checked.segments))
+    where = _where(db, options)
     renderer = checked.renderer
     seen: set[int] = set()
     for segment_id, segment in checked.segments:
@@ -224,7 +268,11 @@ def dry_run(
                     s.execute(
                         select(Recipient)
                         .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-                        .where(recipient_segments.c.segment_id == segment_id, Recipient.id > after)
+                        .where(
+                            recipient_segments.c.segment_id == segment_id,
+                            Recipient.id > after,
+                            *where,
+                        )
                         .order_by(Recipient.id)
                         .limit(1000)
                     )

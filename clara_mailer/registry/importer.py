@@ -165,6 +165,11 @@ class ImportOptions:
     create_segments: bool = False
     update: bool = False
     chunk_size: int = 5000
+    #: Where rejected rows go: a folder (``<input name>.rejects.csv`` in it) or, for a
+    #: single input, a file; None: no rejects file (the report still lists them). The
+    #: CLI's default is the working directory, never beside the input (which may be
+    #: read-only, or someone else's).
+    rejects: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -195,24 +200,6 @@ class ImportReport:
     sample_rejects: list[Reject] = field(default_factory=list)
     created_segments: list[str] = field(default_factory=list)
     skipped: str | None = None
-
-    def summary(self) -> str:
-        if self.skipped:
-            return f"{self.path}: skipped ({self.skipped})"
-        text = (
-            f"{self.path}: {self.read} rows ({self.encoding}, {self.delimiter}-separated): "
-            f"{self.added} added, {self.updated} updated, {self.gained_segment} gained a segment, "
-            f"{self.unchanged} unchanged, {self.duplicates} duplicate(s), {self.rejected} rejected"
-        )
-        if self.created_segments:
-            text += f"; created segment(s) {', '.join(self.created_segments)}"
-        if self.rejects_path is not None:
-            text += f"; rejected rows written to {self.rejects_path}"
-        if self.dry_run:
-            text += "; dry run: nothing written"
-        elif not self.committed:
-            text += "; --strict: nothing imported from this file"
-        return text
 
 
 class ImportProgress(Protocol):
@@ -316,16 +303,23 @@ def clean_text(text: str) -> str:
     return re.sub(r" {2,}", " ", "".join(out)).strip()
 
 
+def rejects_path(source: Path, where: Path) -> Path:
+    """The rejects file of ``source``: in ``where`` when it is a folder, or ``where``
+    itself when it names a file."""
+    name = source.name.removesuffix(".csv") + REJECTS_SUFFIX
+    return where.resolve() / name if where.is_dir() else where
+
+
 class _RejectsWriter:
     """Rejected rows, original columns + line + reason, beside the input.
 
     Written to a temporary name and renamed at the end, so a failed import leaves no
     half-written rejects file."""
 
-    def __init__(self, table: CsvTable) -> None:
-        self.path = table.path.with_name(table.path.name.removesuffix(".csv") + REJECTS_SUFFIX)
-        if self.path == table.path:  # pragma: no cover - guarded by import_files
-            raise InputError("refusing to overwrite the input", path=table.name)
+    def __init__(self, table: CsvTable, where: Path) -> None:
+        self.path = rejects_path(table.path, where)
+        if self.path.resolve() == table.path.resolve():
+            raise InputError("refusing to overwrite the input with its rejects", path=table.name)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._header = table.format.header
         self._delimiter = table.format.delimiter
@@ -763,6 +757,14 @@ def import_files(
     """
     _parse_column_options(options.columns)
     _check_segment_option(db, options)
+    if options.rejects is not None and not options.rejects.is_dir():
+        if len(paths) > 1:
+            raise InputError(
+                f"--rejects {options.rejects}: with several files, name a folder (each "
+                "file's rejects are written there as NAME.rejects.csv)"
+            )
+        if not options.rejects.parent.is_dir():
+            raise InputError(f"--rejects {options.rejects}: no folder {options.rejects.parent}")
     validator = AddressValidator()
     reports = []
     failed: list[tuple[Path, InputError]] = []
@@ -808,7 +810,11 @@ def _import_table(
         dry_run=options.dry_run,
         strict=options.strict,
     )
-    rejects = None if options.dry_run else _RejectsWriter(table)
+    rejects = (
+        None
+        if options.dry_run or options.rejects is None
+        else _RejectsWriter(table, options.rejects)
+    )
     if progress is not None:
         progress.start(table.path, table.size)
     try:

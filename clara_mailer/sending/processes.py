@@ -4,17 +4,81 @@ Each helper is one more worker on the same campaign, sharing it through the deli
 exactly as workers on other machines do; the helpers report their counts (and an error,
 if one stops on one) to the parent over a queue, so the progress bar and the summary
 cover all of them.
+
+A helper dies with its parent: when ``send`` is killed (kill -9, OOM), a helper that
+carried on would keep sending on its own and run beside the next ``send``. On Linux the
+kernel kills it (``PR_SET_PDEATHSIG``, set first thing in the helper; the parent is
+checked once more right after, in case it died before that); elsewhere a watchdog thread
+waits for the parent to go. The helper's rows are then settled by the next sender like
+those of any dead worker (its journal, ``sending.journal``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def _kill_self() -> None:
+    if hasattr(signal, "SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _set_pdeathsig() -> bool:
+    """Linux: have the kernel send SIGKILL to this process when its parent (the thread
+    that started it) dies. False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Elsewhere: a thread that waits for the parent to go, then kills this process."""
+
+    def watch() -> None:
+        parent = multiprocessing.parent_process()
+        sentinel = getattr(parent, "sentinel", None)
+        if sentinel is not None:
+            # The parent's end of a pipe: readable (EOF) once the parent is gone.
+            multiprocessing.connection.wait([sentinel])
+        else:
+            while os.getppid() == parent_pid:
+                time.sleep(0.2)
+        _kill_self()
+
+    threading.Thread(target=watch, name="clara-parent-watchdog", daemon=True).start()
+
+
+def die_with_parent(parent_pid: int, *, pdeathsig: bool = True) -> None:
+    """Make this (helper) process die when ``parent_pid`` does."""
+    if not (pdeathsig and _set_pdeathsig()):
+        _watch_parent(parent_pid)
+    # The parent may have died before the line above: then nobody would signal us.
+    if os.getppid() != parent_pid:
+        _kill_self()
+
+
+def _helper_entry(parent_pid: int, target: Callable[..., None], *args: Any) -> None:
+    die_with_parent(parent_pid)
+    target(*args)
 
 
 class HelperProcesses:
@@ -35,9 +99,12 @@ class HelperProcesses:
         if not self.count:
             return
         self._queue = self._context.Queue()
+        parent = os.getpid()
         for i in range(self.count):
             process = self._context.Process(
-                target=self.target, args=(i, *self.args, self._queue), daemon=False
+                target=_helper_entry,
+                args=(parent, self.target, i, *self.args, self._queue),
+                daemon=False,
             )
             process.start()
             self.processes.append(process)

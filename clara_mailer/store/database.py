@@ -26,7 +26,7 @@ MIGRATIONS_DIR = MIGRATIONS
 #: The newest migration. Every command checks the database against it, so it is a
 #: constant rather than asked of Alembic, whose import costs ~0.15 s and ~18 MB; a test
 #: keeps it equal to the head of migrations/.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0004"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -47,6 +47,18 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     # then writes fails at once with SQLITE_BUSY under WAL when another process wrote in
     # between, instead of waiting for busy_timeout. Several senders share one file safely.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _reaching(url: str, doing: str = "open") -> Iterator[None]:
+    """Turn "cannot connect" (and other driver-level failures) into one DatabaseError line:
+    ``cannot {doing} the database URL: reason``, the password hidden."""
+    try:
+        yield
+    except OperationalError as exc:
+        reason = " ".join(str(exc.orig or exc).split())  # one line, whatever the driver says
+        safe = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseError(f"cannot {doing} the database {safe}: {reason}") from None
 
 
 def create_db_engine(url: str) -> Engine:
@@ -98,7 +110,8 @@ class Database:
             yield session
 
     def current_revision(self) -> str | None:
-        with self.engine.connect() as conn:
+        """The schema's revision (None: no schema); DatabaseError when unreachable."""
+        with _reaching(self.url), self.engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return None
             revision: str | None = conn.scalar(text("SELECT version_num FROM alembic_version"))
@@ -113,20 +126,18 @@ class Database:
     def upgrade(self, revision: str = "head") -> None:
         from alembic import command
 
-        command.upgrade(alembic_config(self.engine), revision)
+        with _reaching(self.url, "upgrade"):
+            command.upgrade(alembic_config(self.engine), revision)
 
     def is_empty(self) -> bool:
-        return not inspect(self.engine).get_table_names()
+        with _reaching(self.url):
+            return not inspect(self.engine).get_table_names()
 
     def ensure_current(self) -> None:
-        try:
-            current = self.current_revision()
-            if current is None and self.is_empty():
-                self.upgrade()
-                return
-        except OperationalError as exc:
-            reason = " ".join(str(exc.orig).split())  # one line, whatever the driver says
-            raise DatabaseError(f"cannot open the database {self.safe_url}: {reason}") from None
+        current = self.current_revision()
+        if current is None and self.is_empty():
+            self.upgrade()
+            return
         if current != SCHEMA_HEAD:
             raise SchemaOutdated(
                 f"the database {self.safe_url} is at schema {current or 'none'}, "
@@ -153,8 +164,35 @@ class Database:
         with self.session() as s:
             return s.scalars(select(Meta.value).where(Meta.key == "secret_key")).one()
 
+    def has_stored_secret_key(self) -> bool:
+        """Whether a generated secret key is kept in the database (read only: unlike
+        ``secret_key`` it never generates one, nor creates the schema)."""
+        with _reaching(self.url), self.engine.connect() as conn:
+            if not inspect(conn).has_table(Meta.__tablename__):
+                return False
+            found = conn.scalar(select(Meta.value).where(Meta.key == "secret_key"))
+            return found is not None
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def secret_key_stored(url: str) -> bool:
+    """Whether the database at ``url`` keeps a generated secret key; an SQLite file that
+    does not exist is not created (False). DatabaseError when it cannot be read."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"database URL is not valid: {url!r}") from None
+    if parsed.get_backend_name() == "sqlite" and (
+        not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file()
+    ):
+        return False
+    db = Database(url)
+    try:
+        return db.has_stored_secret_key()
+    finally:
+        db.dispose()
 
 
 def open_database(settings: Settings, *, check: bool = True) -> Database:

@@ -213,3 +213,83 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class User(Base):
+    """Someone who may log in to the dashboard (``clara-mail users add``)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # argon2id, in the PHC string format ($argon2id$v=19$m=...,t=...,p=...$salt$hash).
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # Sessions issued before this time are no longer valid (set by logging out).
+    sessions_valid_after: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class AuditEntry(Base):
+    """One action of a dashboard user or of an account command: who, what, when."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_at", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    who: Mapped[str] = mapped_column(String(200))
+    what: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class ConsentText(Base):
+    """A consent text exactly as a subscribe form showed it, stored once by its SHA-256."""
+
+    __tablename__ = "consent_texts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    language: Mapped[str] = mapped_column(String(2))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Consent(Base):
+    """Proof of one confirmed subscription (double opt-in): what was shown and when."""
+
+    __tablename__ = "consents"
+    __table_args__ = (Index("ix_consents_recipient", "recipient_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Erasure deletes the recipient, and with it this record.
+    recipient_id: Mapped[int] = mapped_column(ForeignKey("recipients.id", ondelete="CASCADE"))
+    text_sha256: Mapped[str] = mapped_column(ForeignKey("consent_texts.sha256"))
+    language: Mapped[str] = mapped_column(String(2))
+    source: Mapped[str] = mapped_column(String(64))
+    segments: Mapped[str] = mapped_column(Text, default="")
+    # When the form was sent (the consent given) and when the emailed link confirmed it.
+    given_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    confirmed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # The confirmation link's own id: a link confirms once.
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class Schedule(Base):
+    """A send recorded for later (``send --at``); a runner claims it once (state)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_state_due", "state", "due_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(100))
+    # The send's options (segments, filters, limit, rate...) as JSON.
+    options: Mapped[str] = mapped_column(Text, default="{}")
+    due_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    # due -> running -> done | failed; due -> cancelled.
+    state: Mapped[str] = mapped_column(String(16), default="due")
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    result: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

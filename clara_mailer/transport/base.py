@@ -18,6 +18,7 @@ what to do with every outcome::
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,13 +33,26 @@ class SendResult:
     connection_broken: bool = False  # unusable: reconnect (after backoff on 421)
 
 
+#: Called by a connection immediately before the end of the message (SMTP: the final
+#: ``.<CRLF>`` of DATA; outbox: the rename) can reach the server: from then on it may be
+#: delivered. It may raise (OSError); the message then does not go out (DEFERRED, and the
+#: session is dropped). The sender uses it to journal what was on the wire.
+BeforeEndOfData = Callable[[], None]
+
+
 class Connection(Protocol):
     """One open session; one ``send`` at a time."""
 
     smtputf8: bool
     eightbitmime: bool
 
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult: ...
+    async def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> SendResult: ...
 
     async def close(self) -> None: ...
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clara_mailer.core.errors import TransportError
 from clara_mailer.core.vocabulary import Outcome
-from clara_mailer.transport.base import SendResult, classify, prepare_envelope
+from clara_mailer.transport.base import BeforeEndOfData, SendResult, classify, prepare_envelope
 
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._+-]+")
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
@@ -46,7 +46,13 @@ class OutboxConnection:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
+    async def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> SendResult:
         envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
@@ -57,6 +63,8 @@ class OutboxConnection:
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             temporary.write_bytes(message)
+            if before_end_of_data is not None:
+                before_end_of_data()  # the rename is this transport's end of DATA
             os.replace(temporary, target)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
@@ -114,10 +122,21 @@ class MemoryConnection:
         self.smtputf8 = transport.smtputf8
         self.eightbitmime = transport.eightbitmime
 
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
+    async def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> SendResult:
         envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
+        if before_end_of_data is not None:
+            try:
+                before_end_of_data()
+            except OSError as exc:
+                return SendResult(Outcome.DEFERRED, 0, f"not sent: {exc}", connection_broken=True)
         scripted = self._transport.replies.get(recipient)
         if isinstance(scripted, SendResult):
             result = scripted

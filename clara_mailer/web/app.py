@@ -47,6 +47,9 @@ from clara_mailer.optouts import links
 from clara_mailer.optouts.links import LinkTarget
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Suppression
+from clara_mailer.web.admin import admin_routes
+from clara_mailer.web.archive import archive_routes
+from clara_mailer.web.subscribe import subscribe_routes
 
 MAX_BODY_BYTES = 8 * 1024
 
@@ -201,6 +204,19 @@ def uvicorn_log_config() -> dict[str, Any]:
     return config
 
 
+#: What the 400 page says of a form that cannot be used, in each language it shows.
+BAD_REQUESTS: dict[str, dict[str, str]] = {
+    "action": {
+        "es": "Este formulario pide una acción desconocida.",
+        "en": "This form asks for an unknown action.",
+    },
+    "answer": {
+        "es": "La respuesta debe ser sí o no.",
+        "en": "The answer must be yes or no.",
+    },
+}
+
+
 class Pages:
     """The handlers: parse the request, call one function of ``links``, render a page."""
 
@@ -227,6 +243,12 @@ class Pages:
         # One page for every failure: it must not tell a forged token from a stale one.
         page = self.templates.get_template("invalid.html").render()
         return HTMLResponse(page, status_code=status)
+
+    def bad_request(self, problem: str) -> HTMLResponse:
+        """400 for a form of a valid link that cannot be used, in Spanish and English
+        (as the invalid-link page): ``problem`` is a key of ``BAD_REQUESTS``."""
+        page = self.templates.get_template("invalid.html").render(problem=BAD_REQUESTS[problem])
+        return HTMLResponse(page, status_code=400)
 
     def sample(self) -> HTMLResponse:
         # Links of a preview or a test send: shown, but nothing is ever recorded.
@@ -267,7 +289,7 @@ class Pages:
         if fields.get("action") == "undo":
             await run_in_threadpool(links.undo_unsubscribe, self.db, self.signer, target)
             return self.render("resubscribed.html", target, request)
-        return PlainTextResponse("Unknown action.\n", status_code=400)
+        return self.bad_request("action")
 
     async def rsvp_page(self, request: Request) -> Response:
         target = await self.target(request, "r")
@@ -278,13 +300,13 @@ class Pages:
             # a message must record neither.
             proposed = request.query_params.get("answer")
             if proposed not in (None, *links.ANSWERS):
-                return PlainTextResponse("The answer must be yes or no.\n", status_code=400)
+                return self.bad_request("answer")
             current = await run_in_threadpool(links.rsvp_answer, self.db, target)
             return self.render("rsvp.html", target, request, proposed=proposed, current=current)
 
         answer = (await _form_fields(request)).get("answer")
         if answer not in links.ANSWERS:
-            return PlainTextResponse("The answer must be yes or no.\n", status_code=400)
+            return self.bad_request("answer")
         await run_in_threadpool(links.record_rsvp, self.db, target, answer)
         return self.render("rsvp_done.html", target, request, answer=answer)
 
@@ -345,6 +367,9 @@ def create_app(mailer: Mailer) -> Starlette:
         Route(f"/u/{_TOKEN}", guarded(pages.unsubscribe_page), methods=["GET", "POST"]),
         Route(f"/r/{_TOKEN}", guarded(pages.rsvp_page), methods=["GET", "POST"]),
         Route("/health", pages.health, methods=["GET"]),
+        *archive_routes(mailer),  # the public archive: /archive, /archive/SLUG/LANG
+        *subscribe_routes(mailer),  # /subscribe, double opt-in (web/subscribe.py)
+        *admin_routes(mailer),  # the dashboard: /admin, behind a login (web/admin.py)
     ]
     app = Starlette(
         routes=routes,

@@ -1,0 +1,1 @@
+"""Who may use the dashboard (users with argon2 password hashes) and what they did (audit)."""
