@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The clara-mail benchmark (issue 9): one command for every figure. See benchmarks/README.md.
+# The clara-mail benchmark (issues 9 and 18): one command for every figure and goal.
+# See benchmarks/README.md.
 #
-#   benchmarks/run.sh            # 3 repetitions, 20,000 recipients a send (~15-25 min)
-#   benchmarks/run.sh --quick    # smoke run: 1 repetition, small inputs (~2 min)
-#   benchmarks/run.sh --million  # also peak memory of a 1,000,000-recipient send
+#   benchmarks/run.sh            # 3 repetitions, 20,000 recipients a send (~25 min, 2 cores)
+#   benchmarks/run.sh --quick    # smoke run: 1 repetition, small inputs
+#   benchmarks/run.sh --million  # also peak memory of a 1,000,000-recipient send (+~11 min)
+#   benchmarks/run.sh --quick --only kill --port 26222   # one group of rows
 #
-# Other options go to benchmarks/harness.py (--reps, --recipients, --port, --postgres URL,
-# --workdir, --keep). It installs what it needs (Debian: postfix for smtp-sink and
-# smtp-source, time for GNU time), talks to 127.0.0.1 only, and stops what it started.
+# Other options go to benchmarks/harness.py (--reps, --recipients, --kill-recipients,
+# --only GROUPS, --port, --postgres URL, --workdir, --keep). It installs what it needs
+# (Debian: postfix for smtp-sink and smtp-source, time for GNU time), talks to 127.0.0.1
+# only, and stops what it started.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -74,6 +77,13 @@ cleanup() {
     while read -r pid; do
         [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
     done <"$pidfile"
+    # The kill row's message files (on /dev/shm when it had room), if the harness died.
+    if [[ -f "$workdir/dumps" ]]; then
+        while read -r dump; do
+            [[ "$dump" == */clara-bench-dump.* ]] && rm -rf -- "$dump"
+        done <"$workdir/dumps"
+        rm -f "$workdir/dumps"
+    fi
     # Keep the work directory only when it holds results.
     [[ -f "$workdir/results.json" ]] || rm -rf "$workdir"
 }

@@ -4,8 +4,10 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from clara_mailer.store.models import Base
+from clara_mailer.store.tables import declare_partial_indexes
 
 config = context.config
+declare_partial_indexes()  # the whole schema, for comparisons
 target_metadata = Base.metadata
 
 

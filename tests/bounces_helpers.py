@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from clara_mailer.core.vocabulary import Status
+from clara_mailer.deliverylog.figures import recount_segments
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Suppression
 
@@ -56,6 +57,9 @@ def seed(db: Database) -> None:
                     message_id=f"<{'invitation-2022' if rid == 5 else 'newsletter-2022-01'}.r{rid}@clara.example>",
                 )
             )
+        s.flush()
+        for campaign_id in (1, 2):  # rows written here, not by the plan
+            recount_segments(s.connection(), campaign_id)
 
 
 def write_mbox(path: Path, messages: list[bytes]) -> Path:

@@ -1,8 +1,9 @@
 """A non-editable install for tests, shared: the project's wheel built offline from a copy
 of the checkout, installed into a fresh venv that borrows this environment's dependencies
 through a ``.pth`` file of plain paths (so the only clara_mailer it can import is the
-wheel's). The same approach as tests/test_packaging.py; use the fixtures by importing
-them into a test module (``from tests.install_helpers import installed_venv, wheel``)."""
+wheel's). Session-scoped: built and installed once for tests/test_packaging.py and
+tests/test_project.py; use the fixtures by importing them into a test module
+(``from tests.install_helpers import installed_venv, wheel``)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def clean_env(venv: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built from a copy of the checkout."""
+    """The project's wheel, built from a copy of the checkout (so the build leaves nothing
+    in it). The copy keeps any __pycache__ folders: the wheel must leave them out."""
     if int(version("setuptools").split(".")[0]) < 77:
         pytest.fail("setuptools>=77 is needed to build the wheel: pip install -e '.[test]'")
     root = tmp_path_factory.mktemp("wheel")
@@ -67,9 +69,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed (not editable)."""
+    """A fresh venv with the wheel installed (not editable) and this environment's
+    dependencies visible after its own site-packages."""
     venv = tmp_path_factory.mktemp("venv")
     run([sys.executable, "-m", "venv", "--clear", venv])
     python = venv / "bin" / "python"
@@ -77,6 +80,7 @@ def installed_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     purelib = run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
     ).stdout.strip()
+    # Plain paths: the .pth files in them (the checkout's editable install) are not run.
     (Path(purelib) / "clara-mail-test-dependencies.pth").write_text(
         "".join(f"{path}\n" for path in site.getsitepackages())
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.deliverylog.figures import recount_segments
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Bounce, Campaign, Delivery, Recipient, Rsvp, Segment, utcnow
 
@@ -86,6 +87,8 @@ def seed(db: Database, signer: TokenSigner) -> Seeded:
                     )
                 )
         s.flush()
+        for campaign in (newsletter, invitation):  # rows written here, not by the plan
+            recount_segments(s.connection(), campaign.id)
         ana_delivery = s.query(Delivery).filter_by(campaign_id=newsletter.id, recipient_id=ana.id)
         s.add(
             Bounce(

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.browser, needs_chromium]
 
 CAMPAIGN = "newsletter-2022-01"
 PASSWORD = "correct horse battery"
-RECIPIENTS = 300
+RECIPIENTS = 150
 
 
 def _wait(condition: Callable[[], Any], what: str, seconds: float = 90) -> Any:
@@ -95,7 +95,7 @@ def test_log_in_watch_a_send_open_the_report_log_out(
             section = f"#campaign-{CAMPAIGN}"
             assert page.get_attribute(section, "data-state") == "planned"
 
-            # A real send, slow enough to watch: 300 messages at 25 a second.
+            # A real send, slow enough to watch: 150 messages at 25 a second (6 s).
             sender = start_sender(
                 served,
                 smtp.url(),

@@ -23,29 +23,8 @@ from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.mailer import Mailer
 from clara_mailer.store.database import Database
 from clara_mailer.web.app import create_app, redact_tokens, uvicorn_log_config
-from tests.optout_seed import Seeded, seed
+from tests.optout_seed import Seeded
 from tests.test_web import snapshot
-from tests.web_server import serve_in_thread
-
-
-@pytest.fixture
-def signer(db: Database, settings: Settings) -> TokenSigner:
-    return TokenSigner(db.secret_key(settings))
-
-
-@pytest.fixture
-def seeded(db: Database, signer: TokenSigner) -> Seeded:
-    return seed(db, signer)
-
-
-@pytest.fixture
-def client(settings: Settings, seeded: Seeded) -> Iterator[httpx.Client]:
-    with (
-        serve_in_thread(create_app(Mailer(settings))) as base_url,
-        httpx.Client(base_url=base_url, timeout=10) as http,
-    ):
-        yield http
-
 
 # --- 17: the trailing-slash redirect ------------------------------------------------
 

@@ -12,7 +12,6 @@ from click.testing import Result
 from sqlalchemy import select
 
 from clara_mailer.core.errors import InputError, NotFound
-from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.optouts import suppressions
 from clara_mailer.store.database import Database
@@ -20,11 +19,6 @@ from clara_mailer.store.models import Suppression
 
 Cli = Callable[..., Result]
 ADDRESS = "Luis.Garcia@policia-elche.example"
-
-
-@pytest.fixture
-def signer(db: Database, settings: Settings) -> TokenSigner:
-    return TokenSigner(db.secret_key(settings))
 
 
 def rows_for(db: Database, signer: TokenSigner, address: str) -> list[Suppression]:

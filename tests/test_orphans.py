@@ -23,7 +23,7 @@ from tests.send_helpers import add_recipients, check_received_once, start_sender
 from tests.smtp_server import RecordingSMTPServer
 
 CAMPAIGN = "newsletter-2022-01"
-RECIPIENTS = 4000
+RECIPIENTS = 1500  # killed after 300: the rest still queued (asserted)
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 

@@ -5,23 +5,21 @@ directory that is not the checkout, with the templates and migrations the wheel 
 Offline: the wheel is built with this environment's setuptools (``--no-build-isolation``,
 from the ``test`` extra), and the fresh venv borrows this environment's installed
 dependencies through a ``.pth`` file of plain paths, so the only clara_mailer it can
-import is the wheel's.
+import is the wheel's. The ``wheel`` and ``installed_venv`` fixtures are
+tests/install_helpers.py's, built once per session (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import site
 import subprocess
-import sys
 import tomllib
 import zipfile
-from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+from tests.install_helpers import run as _run
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
@@ -62,59 +60,6 @@ def test_pyproject_lists_every_package() -> None:
     assert not extra, f"remove from [tool.setuptools] packages in pyproject.toml: {extra}"
 
 
-def _run(
-    args: Sequence[str | Path], cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    command = [str(arg) for arg in args]
-    result = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built from a copy of the checkout (so the build leaves nothing
-    in it). The copy keeps any __pycache__ folders: the wheel must leave them out."""
-    if int(version("setuptools").split(".")[0]) < 77:
-        pytest.fail("setuptools>=77 is needed to build the wheel: pip install -e '.[test]'")
-    root = tmp_path_factory.mktemp("wheel")
-    source = root / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, source / name)
-    for name in ("clara_mailer", *SHIPPED):
-        shutil.copytree(REPO / name, source / name)
-    dist = root / "dist"
-    _run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
-            *("--no-index", "-w", dist, source),
-        ]
-    )
-    (built,) = dist.glob("clara_mail-*.whl")
-    return built
-
-
-@pytest.fixture(scope="module")
-def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed (not editable) and this environment's
-    dependencies visible after its own site-packages."""
-    venv = tmp_path_factory.mktemp("venv")
-    _run([sys.executable, "-m", "venv", "--clear", venv])
-    python = venv / "bin" / "python"
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel])
-    purelib = _run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-    ).stdout.strip()
-    # Plain paths: the .pth files in them (the checkout's editable install) are not run.
-    (Path(purelib) / "clara-mail-test-dependencies.pth").write_text(
-        "".join(f"{path}\n" for path in site.getsitepackages())
-    )
-    return venv
-
-
 def test_the_wheel_carries_the_shipped_files_and_no_bytecode(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
@@ -128,8 +73,9 @@ def test_the_wheel_carries_the_shipped_files_and_no_bytecode(wheel: Path) -> Non
 
 
 def test_the_installed_wheel_migrates_lists_and_sends_from_any_directory(
-    venv: Path, tmp_path: Path
+    installed_venv: Path, tmp_path: Path
 ) -> None:
+    venv = installed_venv
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {

@@ -17,19 +17,9 @@ from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery, Recipient, Rsvp, Suppression, recipient_segments
-from tests.optout_seed import ANA, JOHN, Seeded, seed
+from tests.optout_seed import ANA, JOHN, Seeded
 
 Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def signer(db: Database, settings: Settings) -> TokenSigner:
-    return TokenSigner(db.secret_key(settings))
-
-
-@pytest.fixture
-def seeded(db: Database, signer: TokenSigner) -> Seeded:
-    return seed(db, signer)
 
 
 def every_text_value(db: Database) -> list[tuple[str, str, str]]:

@@ -16,12 +16,10 @@ from clara_mailer.compose.campaigns import load_campaign
 from clara_mailer.compose.render import check_campaign
 from clara_mailer.core.resources import EMAIL_TEMPLATES
 from clara_mailer.core.settings import CONFIG_FILE, Settings, find_project, load_settings
-from tests import install_helpers
 from tests.conftest import REPO_ROOT, TEST_SECRET
 
-# The non-editable install of tests/install_helpers.py, as fixtures of this module.
-wheel = install_helpers.wheel
-installed_venv = install_helpers.installed_venv
+# `installed_venv`: the non-editable install of tests/install_helpers.py, a session fixture
+# (tests/conftest.py), built once for this module and tests/test_packaging.py.
 
 SHIPPED = sorted(p.name for p in EMAIL_TEMPLATES.iterdir() if p.is_dir())
 

@@ -44,7 +44,7 @@ def sender(
 def test_three_workers_one_killed_everyone_received_exactly_once(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:
-    total = 5000
+    total = 2400  # claim batches of 200: several per worker before and after the kill
     add_recipients(db, total)
     # Plan once up front so the three workers start on the same queue at once.
     Mailer(settings, database=db).plan(CAMPAIGN, SendOptions(segments=("local-police",)))
@@ -143,7 +143,9 @@ def test_claim_path_uses_indexes_on_a_large_campaign() -> None:
                 compiled = query.compile(pg.engine, compile_kwargs={"literal_binds": True})
                 plan = "\n".join(r[0] for r in conn.execute(text(f"EXPLAIN {compiled}")))
                 assert "Seq Scan on deliveries" not in plan, plan
-                assert "ix_deliveries_claim" in plan, plan
+                # The claim index, or the partial index of unsent rows (migration 0005),
+                # which PostgreSQL may find cheaper when most of the log is sent.
+                assert "ix_deliveries_claim" in plan or "ix_deliveries_unsent" in plan, plan
         pg.dispose()
     finally:
         drop()

@@ -192,6 +192,7 @@ BAD_TEXT = {
 
 def test_bad_text_covers_every_setting_but_text_and_paths() -> None:
     free = {"dkim_domain", "dkim_selector", "dkim_key_file", "outbox_dir", "templates_dir"}
+    free |= {"dkim_ed25519_selector", "dkim_ed25519_key_file"}
     free |= {"sender_legal_name", "sender_postal_address", "controller_contact"}
     assert set(BAD_TEXT) == set(SETTINGS) - free
 

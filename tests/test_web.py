@@ -12,39 +12,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
-from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Base, Rsvp, Suppression
-from clara_mailer.web.app import SECURITY_HEADERS, create_app, mask_address
+from clara_mailer.web.app import SECURITY_HEADERS, mask_address
 from tests.conftest import settings_env
-from tests.optout_seed import ANA, JOHN, ZOE, Seeded, seed
-from tests.web_server import serve_in_thread
-
-
-@pytest.fixture
-def signer(db: Database, settings: Settings) -> TokenSigner:
-    return TokenSigner(db.secret_key(settings))
-
-
-@pytest.fixture
-def seeded(db: Database, signer: TokenSigner) -> Seeded:
-    return seed(db, signer)
-
-
-@pytest.fixture
-def client(settings: Settings, seeded: Seeded) -> Iterator[httpx.Client]:
-    """An HTTP client talking to the app served by uvicorn on 127.0.0.1."""
-    with (
-        serve_in_thread(create_app(Mailer(settings))) as base_url,
-        httpx.Client(base_url=base_url, timeout=10) as http,
-    ):
-        yield http
+from tests.optout_seed import ANA, JOHN, ZOE, Seeded
 
 
 def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:

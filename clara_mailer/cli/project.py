@@ -98,6 +98,12 @@ _SECTIONS: list[tuple[str, list[tuple[str, str, str | None]]]] = [
             ("dkim_domain", "DKIM signing (all three, or none: a relay usually signs)", None),
             ("dkim_selector", "", None),
             ("dkim_key_file", "", None),
+            (
+                "dkim_ed25519_selector",
+                "A second, Ed25519 signature (RFC 8463): both, beside the three above",
+                None,
+            ),
+            ("dkim_ed25519_key_file", "", None),
         ],
     ),
 ]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 from typing import TYPE_CHECKING
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 #: How often ``clara-mail serve`` looks for due scheduled sends, in seconds.
 POLL_SECONDS = 30.0
-SCHEDULE_COLUMNS = ["id", "campaign", "due_at", "state", "claimed_by", "finished_at", "result"]
+SCHEDULE_COLUMNS = [
+    "id", "campaign", "due_at", "state", "processes", "claimed_by", "finished_at", "result",
+]  # fmt: skip
 
 log = logging.getLogger("clara_mailer.schedule")
 
@@ -40,9 +43,19 @@ def parse_at(text: str) -> dt.datetime:
     return when
 
 
-def record_schedule(app: App, campaign: str, at: str, options: SendOptions) -> None:
-    """``send CAMPAIGN --at TIME``: the plan and the time recorded, nothing sent."""
-    row = app.mailer.schedule_send(campaign, options, parse_at(at))
+def record_schedule(
+    app: App, campaign: str, at: str, options: SendOptions, processes: int | None = None
+) -> None:
+    """``send CAMPAIGN --at TIME``: the plan and the time recorded, nothing sent. The
+    schedule keeps ``--processes`` too (taken from the ``send`` command line when not
+    given), so the runner sends with as many processes as asked."""
+    from clara_mailer.audience.schedule import ScheduledOptions
+
+    if processes is None:
+        context = click.get_current_context(silent=True)
+        processes = int(context.params.get("processes") or 1) if context else 1
+    kept = ScheduledOptions.of(options, processes)
+    row = app.mailer.schedule_send(campaign, kept, parse_at(at))
     click.echo(
         f"{campaign}: scheduled for {row['due_at']} UTC (schedule {row['id']}); "
         "`clara-mail serve` or `clara-mail scheduled run` starts it then. "
@@ -91,9 +104,15 @@ def scheduled_run(app: App) -> None:
 def scheduled_list(app: App, fmt: str) -> None:
     """List scheduled sends (times in UTC): due, running, done, failed or cancelled.
 
+    A send whose runner stopped (killed, crashed, the machine restarted) shows as failed,
+    its result saying so; `clara-mail send CAMPAIGN` resumes it.
+
     Example: clara-mail scheduled list --format json
     """
-    print_rows(app, app.mailer.schedules(), SCHEDULE_COLUMNS, fmt, title="Scheduled sends")
+    rows = app.mailer.schedules()  # a send whose runner died shows as failed, saying why
+    for row in rows:
+        row["processes"] = json.loads(row["options"] or "{}").get("processes", 1)
+    print_rows(app, rows, SCHEDULE_COLUMNS, fmt, title="Scheduled sends")
 
 
 def run_in_background(

@@ -32,17 +32,20 @@ its own (``{% if segment == "local-police" %}`` ... ``{% endif %}`` around parag
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-from markdown_it import MarkdownIt
 
 from clara_mailer.core.errors import CampaignError
+
+if TYPE_CHECKING:  # imported on first use (_md)
+    from markdown_it import MarkdownIt
 
 #: What the front matter may set, each one line of text.
 FRONT_MATTER_KEYS = ("subject", "preheader")
@@ -52,7 +55,15 @@ _STATEMENTS_ONLY = re.compile(r"^[ \t]*(?:(?:\{%(?:(?!%\}).)*%\}|\{#(?:(?!#\}).)
 # [[Button text]](https://...): after the Jinja is protected, so the target has no space.
 _BUTTON = re.compile(r"\[\[([^\]\n]+)\]\]\(([^)\s]+)\)")
 _EMPTY_ALT_IMAGE = re.compile(r"!\[\s*\]")
-_md = MarkdownIt("commonmark")
+
+
+@functools.cache
+def _md() -> MarkdownIt:
+    """The CommonMark parser, made on first use: a campaign without Markdown never
+    imports markdown-it."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark")
 
 
 def body_file(folder: Path, language: str) -> Path:
@@ -159,7 +170,7 @@ def missing_alt_text(markdown: str, path: Path, first_line: int = 1) -> list[str
     """``file:line`` problems for each image without alt text (``![](...)``)."""
     problems: list[str] = []
     lines = markdown.splitlines()
-    for token in _md.parse(markdown):
+    for token in _md().parse(markdown):
         if token.type != "inline" or not token.children or token.map is None:
             continue
         empty = [
@@ -186,30 +197,62 @@ class _Protected:
 
     def __init__(self) -> None:
         self.saved: list[str] = []
+        #: the Markdown line (0-based) of each saved Jinja tag; -1 for a button
+        self.lines: list[int] = []
 
     #: A button alone in its paragraph loses the paragraph; a tag-only line its comment.
     _KEPT = re.compile(r"<p>(CLARAMDB\d+Z)</p>|<!--(CLARAMDJ\d+Z)-->|CLARAMD[JB]\d+Z")
 
-    def keep(self, text: str, kind: str = "J") -> str:
+    def keep(self, text: str, kind: str = "J", line: int = -1) -> str:
         self.saved.append(text)
+        self.lines.append(line)
         return f"CLARAMD{kind}{len(self.saved) - 1}Z"
 
     def restore(self, rendered: str) -> str:
+        return self._restore(rendered, marked=False)
+
+    def restore_with_lines(self, rendered: str) -> tuple[str, list[tuple[int, int, int]]]:
+        """The restored HTML and, for each Jinja tag in it, (its HTML line, its Markdown
+        line, its line count - 1), lines 0-based."""
+        text = self._restore(rendered, marked=True)
+        places: list[tuple[int, int, int]] = []
+        html_line, last = 0, 0
+        for match in _MARK.finditer(text):
+            html_line += text.count("\n", last, match.start())
+            last = match.start()
+            index = int(match.group(1))
+            if self.lines[index] >= 0:
+                places.append((html_line, self.lines[index], self.saved[index].count("\n")))
+        return _MARK.sub("", text), places  # the marks hold no newline: lines unchanged
+
+    def _restore(self, rendered: str, *, marked: bool) -> str:
         # Until nothing changes: a button keeps the Jinja of its label and target inside.
+        swap = self._swap_marked if marked else self._swap
         while True:
-            new = self._KEPT.sub(self._swap, rendered)
+            new = self._KEPT.sub(swap, rendered)
             if new == rendered:
                 return new
             rendered = new
 
-    def _swap(self, match: re.Match[str]) -> str:
+    def _index(self, match: re.Match[str]) -> int:
         word = match.group(1) or match.group(2) or match.group(0)
-        return self.saved[int(word[len("CLARAMDJ") : -1])]
+        return int(word[len("CLARAMDJ") : -1])
+
+    def _swap(self, match: re.Match[str]) -> str:
+        return self.saved[self._index(match)]
+
+    def _swap_marked(self, match: re.Match[str]) -> str:
+        index = self._index(match)
+        return f"\x00{index}\x01{self.saved[index]}"
+
+
+#: Where a restored tag came from, while its line is looked up (``restore_with_lines``).
+_MARK = re.compile("\x00(\\d+)\x01")
 
 
 def _button(protected: _Protected) -> Callable[[re.Match[str]], str]:
     def make(match: re.Match[str]) -> str:
-        label = _md.renderInline(match.group(1))
+        label = _md().renderInline(match.group(1))
         href = html.escape(match.group(2), quote=True)
         return protected.keep(
             '<table class="button" role="presentation" cellpadding="0" cellspacing="0">'
@@ -222,43 +265,85 @@ def _button(protected: _Protected) -> Callable[[re.Match[str]], str]:
 
 def markdown_to_html(markdown: str) -> str:
     """The HTML of a Markdown body, its Jinja tags intact (for the template)."""
+    protected, text = _protect(markdown)
+    return protected.restore(_md().render(text))
+
+
+def _protect(markdown: str) -> tuple[_Protected, str]:
+    """The Markdown with its Jinja tags and buttons swapped for plain words."""
     protected = _Protected()
     lines = []
-    for line in markdown.splitlines():
+    for number, line in enumerate(markdown.splitlines()):
         if _STATEMENTS_ONLY.match(line):
             # A block of its own: an HTML comment interrupts a paragraph and ends a list.
-            lines.append(f"<!--{protected.keep(line.strip())}-->")
+            lines.append(f"<!--{protected.keep(line.strip(), line=number)}-->")
         else:
             lines.append(line)
-    text = _JINJA.sub(lambda m: protected.keep(m.group(0)), "\n".join(lines))
-    text = _BUTTON.sub(_button(protected), text)
-    return protected.restore(_md.render(text))
+    text = "\n".join(lines)
+    number, last = 0, 0
+
+    def keep(match: re.Match[str]) -> str:
+        nonlocal number, last
+        number += text.count("\n", last, match.start())
+        last = match.start()
+        return protected.keep(match.group(0), line=number)
+
+    text = _JINJA.sub(keep, text)
+    return protected, _BUTTON.sub(_button(protected), text)
+
+
+def _html_with_lines(markdown: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """``markdown_to_html`` and where its Jinja tags are (``restore_with_lines``)."""
+    protected, text = _protect(markdown)
+    return protected.restore_with_lines(_md().render(text))
 
 
 def markdown_template(text: str, path: Path) -> str:
     """The Jinja source of a body file: it extends the shared layout; a first ``# heading``
     is the masthead (else the subject is), the rest the content. An image without alt
     text is a CampaignError naming file:line."""
+    return _template_with_lines(text, path)[0]
+
+
+def _template_with_lines(text: str, path: Path) -> tuple[str, dict[int, int]]:
+    """``markdown_template`` and, for each line of it holding Jinja, the body file's line
+    that Jinja came from (both 1-based): a runtime error is reported there."""
     _, markdown, offset = split_front_matter(text, path)
     problems = missing_alt_text(markdown, path, offset + 1)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CampaignError(problems[0] + more)
     masthead = "<h1>{{ subject }}</h1>"
+    heading: list[tuple[int, int, int]] = []
     lines = markdown.splitlines()
     first = next((n for n, line in enumerate(lines) if line.strip()), None)
     if first is not None and re.match(r"^# +\S", lines[first]):
-        masthead = markdown_to_html(lines[first]).strip()
+        masthead, heading = _html_with_lines(lines[first])
+        masthead = masthead.strip()
+        heading = [(0, first, span) for _, _, span in heading]
         lines[first] = ""
-    content = markdown_to_html("\n".join(lines))
-    return (
-        '{% extends "layout.html.j2" %}'
-        + "{% block masthead %}"
-        + masthead
-        + "{% endblock %}{% block content %}\n"
-        + content
-        + "{% endblock %}\n"
-    )
+    content, places = _html_with_lines("\n".join(lines))
+    head = '{% extends "layout.html.j2" %}{% block masthead %}' + masthead
+    head += "{% endblock %}{% block content %}\n"
+    origin: dict[int, int] = {}
+    for start, places_of in ((1, heading), (1 + head.count("\n"), places)):
+        for html_line, md_line, span in places_of:
+            for k in range(span + 1):
+                origin.setdefault(start + html_line + k, offset + md_line + k + 1)
+    return head + content + "{% endblock %}\n", origin
+
+
+def markdown_location(filename: str, line: int | None) -> str:
+    """``file:line`` in a body file for ``line`` of its Jinja template (what a runtime
+    error's traceback names), or ``file`` when it cannot be told."""
+    path = Path(filename)
+    try:
+        origin = _template_with_lines(_read(path), path)[1]
+    except (OSError, CampaignError):
+        return filename
+    # The line itself holds the tag; else the nearest one above it (a tag's inside).
+    above = [generated for generated in origin if line is not None and generated <= line]
+    return f"{filename}:{origin[max(above)]}" if above else filename
 
 
 class MarkdownLoader(jinja2.FileSystemLoader):

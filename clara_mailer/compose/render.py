@@ -20,12 +20,17 @@ import dataclasses
 import datetime as dt
 import email
 import email.policy
+import functools
 import hashlib
 import html
+import importlib
 import logging
 import re
+import sys
 import time
 import traceback
+import types
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.headerregistry import Address
@@ -35,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from premailer import Premailer
 
 from clara_mailer.compose.campaigns import CampaignDef, load_campaign
 from clara_mailer.compose.headers import address_header, ascii_header, wire_address
@@ -126,9 +130,15 @@ def _template_error(exc: Exception, fallback: Path) -> CampaignError:
         return CampaignError(f"{fallback}: template not found: {exc.name}")
     # Jinja rewrites tracebacks so that frames point into the template files.
     frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith((".j2", ".css"))
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename.endswith((".j2", ".css", ".md"))
     ]
     where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(fallback)
+    if frames and frames[-1].filename.endswith(".md"):  # a line of the Markdown, not of
+        from clara_mailer.compose.markdown import markdown_location  # the Jinja made of it
+
+        where = markdown_location(frames[-1].filename, frames[-1].lineno)
     message = exc.message if isinstance(exc, jinja2.TemplateError) else repr(exc)
     return CampaignError(f"{where}: {message}")
 
@@ -136,7 +146,7 @@ def _template_error(exc: Exception, fallback: Path) -> CampaignError:
 def inline_css(document: str) -> str:
     """Premailer with the network off; rules it cannot inline (``@media``) stay in <style>."""
     return str(
-        Premailer(
+        _premailer()(
             document,
             allow_network=False,
             allow_loading_external_files=False,
@@ -145,6 +155,32 @@ def inline_css(document: str) -> str:
             strip_important=False,
         ).transform()
     )
+
+
+@functools.cache
+def _premailer() -> Any:
+    """premailer's class, imported on first use (lxml, cssutils: ~9 MB). premailer imports
+    ``requests`` at its top (urllib3, idna, charset detection: ~6 MB more) only to fetch
+    external stylesheets, which ``inline_css`` never lets it do: unless something has
+    imported it already, ``requests`` is a stand-in that imports it on first use."""
+    if "requests" not in sys.modules:
+        sys.modules["requests"] = _ImportedOnFirstUse("requests")
+    from premailer import Premailer
+
+    return Premailer
+
+
+class _ImportedOnFirstUse(types.ModuleType):
+    """Stands in for a module in ``sys.modules`` until one of its attributes is read, then
+    imports it for real and hands that attribute over (and every later one)."""
+
+    def __getattr__(self, name: str) -> Any:
+        real = self.__dict__.get("_real")
+        if real is None:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = self.__dict__["_real"] = importlib.import_module(self.__name__)
+        return getattr(real, name)
 
 
 def _crlf(text: str) -> str:
@@ -302,7 +338,7 @@ class Renderer:
         try:
             template = self.env.get_template(path.name)
             document = template.render(self._context(language, segment, values))
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise _template_error(exc, path) from None
         return inline_css(document)
 
@@ -599,10 +635,16 @@ HOSTILE = RecipientView(
 _PRESENCE = ((True, True, True), (False, False, False), (True, False, True), (False, True, False))
 
 
-def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = None) -> list[str]:
+def check_campaign(
+    settings: Settings,
+    slug: str,
+    renderer: Renderer | None = None,
+    segments: Iterable[str] | None = None,
+) -> list[str]:
     """Every problem that would spoil a send, each with file (and line); empty when fine.
     With ``renderer`` (for this campaign), the variants it prepares stay in its cache for
-    the send that follows the check."""
+    the send that follows the check. ``segments``: check only the variants of these (a
+    send checks the segments it sends to; ``check`` checks every segment)."""
     try:
         defn = load_campaign(settings, slug)
     except CampaignError as exc:
@@ -625,12 +667,12 @@ def check_campaign(settings: Settings, slug: str, renderer: Renderer | None = No
     if renderer is None:
         signer = TokenSigner(settings.secret_key or "check-only: these tokens are never sent")
         renderer = Renderer(defn, settings, signer, 0)
-    segments = sorted({"", *defn.default_segments, *STANDARD_SEGMENTS})
+    chosen = {"", *defn.default_segments, *STANDARD_SEGMENTS} if segments is None else {*segments}
     for language in defn.languages:
         template = defn.template_file(language)
         if not template.is_file():
             continue
-        for segment in segments:
+        for segment in sorted(chosen):
             for has_name, has_org, has_source in _PRESENCE:
                 sample = RecipientView(
                     SAMPLE.id,

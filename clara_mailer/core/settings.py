@@ -34,7 +34,7 @@ PROJECT_VARIABLE = "CLARA_PROJECT"
 #: A project's campaigns folder: ``templates_dir`` when the file names none.
 PROJECT_CAMPAIGNS = "campaigns"
 #: Settings that name a file or folder: relative in clara-mail.toml, they are in the project.
-_PROJECT_PATHS = ("outbox_dir", "templates_dir", "dkim_key_file")
+_PROJECT_PATHS = ("outbox_dir", "templates_dir", "dkim_key_file", "dkim_ed25519_key_file")
 #: What ``core.tokens.TokenSigner`` needs of a configured secret key (UTF-8 bytes).
 SECRET_KEY_MIN_BYTES = 16
 #: Longest wait or lifetime a setting may name: far beyond any use, short of overflowing
@@ -60,6 +60,9 @@ class Settings:
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_key_file: Path | None = None
+    # A second signature, Ed25519 (RFC 8463), beside the RSA one: needs the three above.
+    dkim_ed25519_selector: str | None = None
+    dkim_ed25519_key_file: Path | None = None
     smtp_timeout: float = 60.0
     smtp_data_timeout: float = 600.0
     reconnect_after: int = 1000
@@ -315,6 +318,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "dkim_domain": _text,
     "dkim_selector": _text,
     "dkim_key_file": _path,
+    "dkim_ed25519_selector": _text,
+    "dkim_ed25519_key_file": _path,
     "smtp_timeout": _number(float, "seconds", 0, _MAX_SECONDS, above=True),
     "smtp_data_timeout": _number(float, "seconds", 0, _MAX_SECONDS, above=True),
     "reconnect_after": _number(int, "messages", 1, _MAX_COUNT),
@@ -339,6 +344,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
 assert set(_PARSERS) == {f.name for f in fields(Settings)}, "every setting needs a parser"
 
 _DKIM = ("dkim_domain", "dkim_selector", "dkim_key_file")
+_DKIM_ED25519 = ("dkim_ed25519_selector", "dkim_ed25519_key_file")
 
 
 def normalise_database_url(url: str) -> str:
@@ -474,14 +480,32 @@ def load_settings(
         if raw is not None:
             take(name, str(raw) if isinstance(raw, Path) else raw, f"load_settings({name}=...)")
 
-    given = [name for name in _DKIM if values.get(name) is not None]
-    if given and len(given) < len(_DKIM):
-        missing = " and ".join(name for name in _DKIM if name not in given)
-        raise ConfigError(
-            f"{sources[given[0]]}: {given[0]} is set, so DKIM needs {missing} too "
-            "(or none of the dkim_ settings)"
-        )
+    _check_dkim(values, sources)
 
     # An empty value means "not set": the default, or None where None is the default.
     chosen = {k: v for k, v in values.items() if v is not None or known[k].default is None}
     return Settings(**chosen)
+
+
+def _check_dkim(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """The DKIM settings go together: all three RSA ones or none, and the two Ed25519 ones
+    (a second signature) both or neither, and only beside RSA under another selector."""
+    for group, which in ((_DKIM, "dkim_"), (_DKIM_ED25519, "dkim_ed25519_")):
+        given = [name for name in group if values.get(name) is not None]
+        if given and len(given) < len(group):
+            missing = " and ".join(name for name in group if name not in given)
+            raise ConfigError(
+                f"{sources[given[0]]}: {given[0]} is set, so DKIM needs {missing} too "
+                f"(or none of the {which} settings)"
+            )
+    ed25519 = values.get("dkim_ed25519_selector")
+    if ed25519 is not None and values.get("dkim_domain") is None:
+        raise ConfigError(
+            f"{sources['dkim_ed25519_selector']}: dkim_ed25519_selector is set, so DKIM needs "
+            "dkim_domain, dkim_selector and dkim_key_file too (Ed25519 signs beside RSA)"
+        )
+    if ed25519 is not None and ed25519 == values.get("dkim_selector"):
+        raise ConfigError(
+            f"{sources['dkim_ed25519_selector']}: dkim_ed25519_selector must differ from "
+            "dkim_selector (each key has its own DNS record)"
+        )

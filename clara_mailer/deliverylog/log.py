@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session
 from clara_mailer.core.errors import SendError
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import OPEN_STATUSES, UNTOUCHED_STATUSES, Status
+from clara_mailer.deliverylog.figures import add_to_segment, segment_status_counts
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import (
@@ -58,6 +59,8 @@ from clara_mailer.store.models import (
 )
 
 PLAN_CHUNK = 2000
+#: First key of the PostgreSQL advisory lock that planners of one campaign share.
+_PLAN_LOCK = 0x636C61
 # States an outcome may overwrite (a row turned unknown by an expired lease included).
 _WRITABLE = (Status.SENDING, Status.UNKNOWN, Status.QUEUED, Status.DEFERRED)
 
@@ -233,6 +236,8 @@ class DeliveryLog:
             after = 0
             while True:
                 with self.db.session() as s:
+                    if self._pg:  # planners of one campaign take turns (SQLite: the file lock)
+                        s.execute(select(func.pg_advisory_xact_lock(_PLAN_LOCK, self.campaign_id)))
                     members = self._unplanned(s, segment_id, after, where)
                     if not members:
                         break
@@ -267,6 +272,9 @@ class DeliveryLog:
                         ),
                         rows,
                     )
+                    # Every row is new: the members were read with the planners' lock
+                    # held, so the segment's count grows by exactly this chunk.
+                    add_to_segment(s.connection(), self.campaign_id, slug, len(rows))
         return counts
 
     def _unplanned(
@@ -667,18 +675,9 @@ class DeliveryLog:
 
     def status_counts(self, segments: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
         """segment -> status -> count for this campaign."""
-        query = (
-            select(Delivery.segment, Delivery.status, func.count())
-            .where(Delivery.campaign_id == self.campaign_id)
-            .group_by(Delivery.segment, Delivery.status)
-        )
-        if segments:
-            query = query.where(Delivery.segment.in_(segments))
-        out: dict[str, dict[str, int]] = {}
-        with self.db.session() as s:
-            for segment, status, count in s.execute(query):
-                out.setdefault(segment, {})[status] = count
-        return out
+        with self.db.reading() as conn:
+            counts = segment_status_counts(conn, self.campaign_id, segments)
+        return {seg: {st.value: n for st, n in by.items()} for seg, by in counts.items()}
 
     def next_due(self) -> dt.datetime | None:
         with self.db.session() as s:

@@ -124,9 +124,10 @@ def checked_campaign(
             known = ", ".join(s.scalars(select(Segment.slug).order_by(Segment.slug)))
             raise NotFound(f"unknown segment {missing[0]!r} (known: {known})")
     campaign_id = campaign_id_of(db, defn.slug)
-    # The check prepares every variant; the send then reuses them from this renderer.
+    # The check prepares the variants of the chosen segments; the send then reuses them
+    # from this renderer (a variant it meets that is not there is prepared on first use).
     renderer = Renderer(defn, settings, signer, campaign_id)
-    problems = check_campaign(settings, slug, renderer)
+    problems = check_campaign(settings, slug, renderer, chosen)
     if problems:
         raise CheckFailed(slug, problems)
     return CheckedCampaign(defn, ids, campaign_id, renderer)

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, String, func, select, type_coerce
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Connection, Row, String, func, select, text, type_coerce
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.vocabulary import (
     PERSONAL_OPT_OUTS,
-    PROBLEM_STATUSES,
     BounceKind,
     CampaignKind,
     OptOutReason,
@@ -34,16 +32,18 @@ from clara_mailer.core.vocabulary import (
     Status,
     choices,
 )
+from clara_mailer.deliverylog.figures import segment_status_counts
+from clara_mailer.store import tables
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import (
-    Bounce,
-    Campaign,
-    Delivery,
-    Recipient,
-    Rsvp,
-    Suppression,
-    utcnow,
-)
+from clara_mailer.store.tables import PROBLEMS, utcnow
+
+# The report reads with SQLAlchemy Core alone: no ORM import, no objects.
+Delivery = tables.deliveries.c
+Bounce = tables.bounces.c
+Suppression = tables.suppressions.c
+Rsvp = tables.rsvps.c
+Recipient = tables.recipients.c
+Campaign = tables.campaigns.c
 
 TOP_FAILURES = 10
 
@@ -221,8 +221,8 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
-def find_campaign(session: Session, slug: str) -> Campaign:
-    campaign = session.scalars(select(Campaign).where(Campaign.slug == slug)).first()
+def find_campaign(session: Connection, slug: str) -> Row[Any]:
+    campaign = session.execute(select(tables.campaigns).where(Campaign.slug == slug)).first()
     if campaign is None:
         known = ", ".join(session.scalars(select(Campaign.slug).order_by(Campaign.slug)))
         raise NotFound(f"no delivery log for campaign {slug!r} (logged: {known or 'none'})")
@@ -234,7 +234,7 @@ def build_report(
 ) -> CampaignReport:
     """Every figure of one campaign's report (optionally one segment's), in one transaction."""
     now = now or utcnow()
-    with db.session() as s:
+    with db.reading() as s:
         campaign = find_campaign(s, slug)
         _check_segment(s, campaign, segment)
         scope = _Scope(campaign.id, segment, db.dialect)
@@ -260,7 +260,7 @@ def build_report(
 def check_scope(db: Database, slug: str, segment: str | None = None) -> None:
     """Raise ``NotFound`` unless campaign ``slug`` has a log (with deliveries in
     ``segment``): what ``build_report`` checks first, for a caller that needs no figures."""
-    with db.session() as s:
+    with db.reading() as s:
         _check_segment(s, find_campaign(s, slug), segment)
 
 
@@ -272,7 +272,7 @@ def parse_status(value: str) -> Status:
         raise InputError(f"unknown status {value!r} (one of: {choices(Status)})") from None
 
 
-def _check_segment(s: Session, campaign: Campaign, segment: str | None) -> None:
+def _check_segment(s: Connection, campaign: Row[Any], segment: str | None) -> None:
     if segment is None:
         return
     found = s.scalar(
@@ -303,21 +303,14 @@ class _Scope:
             conditions.append(Delivery.segment == self.segment)
         return conditions
 
-    def segment_counts(self, s: Session) -> dict[str, dict[Status, int]]:
-        query = (
-            select(Delivery.segment, Delivery.status, func.count())
-            .where(*self._filters())
-            .group_by(Delivery.segment, Delivery.status)
-        )
-        out: dict[str, dict[Status, int]] = {}
-        for seg, status, count in s.execute(query):
-            out.setdefault(seg, {})[status] = count
-        return out
+    def segment_counts(self, s: Connection) -> dict[str, dict[Status, int]]:
+        wanted = [self.segment] if self.segment is not None else None
+        return segment_status_counts(s, self.campaign_id, wanted)
 
-    def failures(self, s: Session) -> list[FailureGroup]:
+    def failures(self, s: Connection) -> list[FailureGroup]:
         query = (
             select(Delivery.status, Delivery.smtp_code, Delivery.smtp_reply, func.count())
-            .where(*self._filters(), Delivery.status.in_(PROBLEM_STATUSES))
+            .where(*self._filters(), text(PROBLEMS))  # literal: ix_deliveries_problems
             .group_by(Delivery.status, Delivery.smtp_code, Delivery.smtp_reply)
         )
         # Replies that differ only by the address they quote are one group.
@@ -329,7 +322,7 @@ class _Scope:
         return [FailureGroup(st, code, reply, n) for (st, code, reply), n in ranked[:TOP_FAILURES]]
 
     def retry(
-        self, s: Session, now: dt.datetime, counts: dict[str, dict[Status, int]]
+        self, s: Connection, now: dt.datetime, counts: dict[str, dict[Status, int]]
     ) -> RetrySummary:
         deferred = Delivery.status == Status.DEFERRED
         deferred_count, due_now, next_at, last_at = s.execute(
@@ -359,14 +352,14 @@ class _Scope:
             schedule=[(_label(h), n) for h, n in schedule],
         )
 
-    def bounces(self, s: Session) -> BounceSummary:
+    def bounces(self, s: Connection) -> BounceSummary:
         query = (
             select(Bounce.kind, Bounce.status_code, func.count())
             .where(Bounce.campaign_id == self.campaign_id)
             .group_by(Bounce.kind, Bounce.status_code)
         )
         if self.segment is not None:
-            query = query.join(Delivery, Delivery.id == Bounce.delivery_id).where(
+            query = query.join(tables.deliveries, Delivery.id == Bounce.delivery_id).where(
                 Delivery.segment == self.segment
             )
         rows = s.execute(query).all()
@@ -376,7 +369,7 @@ class _Scope:
         codes = sorted(((k, c or "", n) for k, c, n in rows), key=lambda r: (-r[2], r[0], r[1]))
         return BounceSummary(sum(by_kind.values()), by_kind, codes)
 
-    def optouts(self, s: Session) -> OptOutSummary:
+    def optouts(self, s: Connection) -> OptOutSummary:
         # Suppressions carry the campaign whose link (or bounce) caused them, not a
         # segment: the figures are the whole campaign's even with --segment.
         rows = s.execute(
@@ -396,7 +389,7 @@ class _Scope:
                 lifted += count
         return OptOutSummary(sum(by_reason.values()), lifted, by_reason)
 
-    def rsvps(self, s: Session) -> dict[RsvpAnswer, int]:
+    def rsvps(self, s: Connection) -> dict[RsvpAnswer, int]:
         query = (
             select(Rsvp.answer, func.count())
             .where(Rsvp.campaign_id == self.campaign_id)
@@ -404,7 +397,7 @@ class _Scope:
         )
         if self.segment is not None:
             query = query.join(
-                Delivery,
+                tables.deliveries,
                 (Delivery.campaign_id == Rsvp.campaign_id)
                 & (Delivery.recipient_id == Rsvp.recipient_id),
             ).where(Delivery.segment == self.segment)
@@ -412,7 +405,7 @@ class _Scope:
         answers.update({answer: count for answer, count in s.execute(query)})
         return answers
 
-    def timeline(self, s: Session) -> Timeline:
+    def timeline(self, s: Connection) -> Timeline:
         accepted = Delivery.sent_at.is_not(None)
         # Two queries, not one: each is a single index lookup (ix_deliveries_sent).
         first = s.scalar(select(func.min(Delivery.sent_at)).where(*self._filters(), accepted))
@@ -442,7 +435,7 @@ class _Scope:
         return Timeline(unit, [(at, by_label.get(at, 0)) for at in labels])
 
     def _range_counts(
-        self, s: Session, first: dt.datetime, labels: list[str], unit: str
+        self, s: Connection, first: dt.datetime, labels: list[str], unit: str
     ) -> list[int]:
         """Messages accepted in each bucket of ``labels``: one range count per bucket, each
         a walk over its part of ix_deliveries_sent (campaign_id, sent_at) that needs no
@@ -540,7 +533,7 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
     ``settings`` is accepted for symmetry with ``campaigns.campaign_rows``.
     """
     del settings
-    with db.session() as s:
+    with db.reading() as s:
         counts: dict[int, dict[Status, int]] = {}
         for campaign_id, status, count in s.execute(
             select(Delivery.campaign_id, Delivery.status, func.count()).group_by(
@@ -548,7 +541,7 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
             )
         ):
             counts.setdefault(campaign_id, {})[status] = count
-        opted_out = dict(
+        opted_out: dict[int, int] = dict(
             s.execute(
                 select(Suppression.campaign_id, func.count())
                 .where(
@@ -559,7 +552,9 @@ def campaign_overview(db: Database, settings: Settings | None = None) -> list[di
                 .group_by(Suppression.campaign_id)
             ).all()
         )
-        campaigns = s.scalars(select(Campaign).order_by(Campaign.created_at, Campaign.id)).all()
+        campaigns = s.execute(
+            select(tables.campaigns).order_by(Campaign.created_at, Campaign.id)
+        ).all()
         rows = []
         for c in campaigns:
             if c.id not in counts:
@@ -609,7 +604,7 @@ def delivery_rows(
     Erased recipients keep their row with a blank address, name and organisation.
     """
     wanted = parse_status(status) if status is not None else None
-    with db.session() as s:
+    with db.reading() as s:
         campaign_id = find_campaign(s, slug).id
     query = (
         select(
@@ -628,7 +623,7 @@ def delivery_rows(
             Delivery.next_attempt_at,
             Delivery.message_id,
         )
-        .outerjoin(Recipient, Recipient.id == Delivery.recipient_id)
+        .outerjoin(tables.recipients, Recipient.id == Delivery.recipient_id)
         .where(Delivery.campaign_id == campaign_id)
         .order_by(Delivery.segment, Delivery.id)
         .execution_options(stream_results=True, yield_per=2000)

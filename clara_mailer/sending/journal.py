@@ -28,22 +28,39 @@ The file lives in a per-user directory (mode 0700) under the system temp dir, na
 the worker id; it is rotated (rewritten with the records still needed) every
 ``ROTATE_RECORDS`` records, so it stays small, and removed when the worker finishes
 cleanly. A record is obsolete as soon as the row's outcome is committed.
+
+A worker that dies leaves its file; the sender that settles the dead worker's rows
+removes it. One that left no row to settle (killed between batches, or whose rows were
+settled by the lease rule) is swept by ``LocalJournals.sweep`` when the next worker of
+this host starts: a dead worker's journal that can never be trusted (an earlier boot, a
+torn header) at once; one naming the same database (the header carries a key of it)
+once no row of that database is still ``sending`` for its worker. A live worker's is
+never touched, nor one of another database, whose rows this sender cannot see.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import re
+import socket
 import stat
 import struct
 import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from clara_mailer.core.vocabulary import Status
+from clara_mailer.deliverylog.log import _pid_alive
+from clara_mailer.store.database import Database
+from clara_mailer.store.models import Delivery
 
 MAGIC = b"CLARAJ1\n"
 #: delivery id, unix seconds, kind, SMTP code
@@ -86,6 +103,28 @@ def boot_marker() -> str:
         return f"t{int(time.time() - time.monotonic())}"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not): the delivery log's
+    test of a worker's liveness, shared by the journal sweep and scheduled sends."""
+    return _pid_alive(pid)
+
+
+def same_boot(written: str, now: str) -> bool:
+    """Whether two ``boot_marker()`` values name the same boot of this machine."""
+    return _same_boot(written, now)
+
+
+def database_key(db: Database) -> str:
+    """A short key of the database a worker writes to (an SQLite file by its real path),
+    kept in its journal's header so that a sweep only judges its own database's."""
+    url = make_url(db.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        text = "sqlite:" + os.path.realpath(str(url.database))
+    else:
+        text = url.set(password=None).render_as_string(hide_password=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _same_boot(written: str, now: str) -> bool:
     if written.startswith("t") and now.startswith("t"):
         # Computed from two clocks: allow for the jitter; a reboot moves it by far more.
@@ -95,9 +134,24 @@ def _same_boot(written: str, now: str) -> bool:
     return written == now
 
 
-def _header(worker_id: str) -> bytes:
-    text = f"{worker_id}\n{boot_marker()}".encode()
-    return MAGIC + struct.pack("<H", len(text)) + text
+def _header(worker_id: str, database: str = "") -> bytes:
+    text = f"{worker_id}\n{boot_marker()}" + (f"\n{database}" if database else "")
+    data = text.encode()
+    return MAGIC + struct.pack("<H", len(data)) + data
+
+
+def _read_header(f: BinaryIO) -> tuple[str, str, str] | None:
+    """(worker id, boot marker, database key or "") of an open journal; None when torn."""
+    head = f.read(len(MAGIC) + 2)
+    if len(head) != len(MAGIC) + 2 or not head.startswith(MAGIC):
+        return None
+    (length,) = struct.unpack("<H", head[len(MAGIC) :])
+    text = f.read(length)
+    if len(text) != length:
+        return None
+    worker_id, _, rest = text.decode("utf-8", "replace").partition("\n")
+    boot, _, database = rest.partition("\n")
+    return worker_id, boot, database
 
 
 class WorkerJournal:
@@ -112,14 +166,20 @@ class WorkerJournal:
         self._written = 0
 
     @classmethod
-    def create(cls, worker_id: str, directory: Path | None = None) -> WorkerJournal | None:
+    def create(
+        cls, worker_id: str, directory: Path | None = None, *, db: Database | None = None
+    ) -> WorkerJournal | None:
         """A new journal for ``worker_id``, or None when none can be kept (the worker then
-        sends as before: its rows in flight at a crash all become ``unknown``)."""
+        sends as before: its rows in flight at a crash all become ``unknown``). With
+        ``db`` (the database the worker writes to), the header names it, and the dead
+        workers' journals no longer needed are swept first (``LocalJournals.sweep``)."""
         directory = directory or journal_dir()
         if directory is None:
             return None
+        with contextlib.suppress(Exception):  # housekeeping: never in the way of a send
+            LocalJournals(directory).sweep(db)
         path = journal_path(directory, worker_id)
-        header = _header(worker_id)
+        header = _header(worker_id, database_key(db) if db is not None else "")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(path, flags, 0o600)
@@ -247,14 +307,10 @@ class LocalJournals:
             return None
         try:
             with open(path, "rb") as f:
-                head = f.read(len(MAGIC) + 2)
-                if len(head) != len(MAGIC) + 2 or not head.startswith(MAGIC):
+                header = _read_header(f)
+                if header is None:
                     return None
-                (length,) = struct.unpack("<H", head[len(MAGIC) :])
-                text = f.read(length)
-                if len(text) != length:
-                    return None
-                written_id, _, boot = text.decode("utf-8", "replace").partition("\n")
+                written_id, boot, _ = header
                 if written_id != worker_id or not _same_boot(boot, boot_marker()):
                     return None
                 wanted = set(ids)
@@ -286,8 +342,81 @@ class LocalJournals:
             with contextlib.suppress(OSError):
                 path.unlink()
 
+    def sweep(self, db: Database | None = None) -> list[Path]:
+        """Remove the journals of this host's dead workers that no sender will need; the
+        paths removed. Never a live worker's (its process runs: ``pid_alive``, the test
+        the delivery log uses). A dead worker's goes when it can never be trusted (an
+        earlier boot, a torn header: ``read`` refuses it) or is a rotation's leftover;
+        with ``db``, also one written for that database once none of its rows there is
+        still ``sending`` for that worker (all settled, or it never sent). Journals of
+        other databases, or that name none, stay: their rows cannot be seen from here."""
+        directory = self._directory or journal_dir()
+        if directory is None:
+            return []
+        host = socket.gethostname()[:30]
+        key = database_key(db) if db is not None else None
+        now = boot_marker()
+        removed: list[Path] = []
+        candidates: dict[str, list[Path]] = {}
+        for path in directory.iterdir():
+            if not path.name.endswith((".journal", ".journal.new")):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    header = _read_header(f)
+            except OSError:
+                continue
+            # The name is the worker id made safe: host_pid_random.
+            name = path.name.partition(".journal")[0]
+            named_host, _, pid = name.rpartition("_")[0].rpartition("_")
+            if named_host != _SAFE.sub("_", host) or not pid.isdigit():
+                continue  # not a worker of this host (or not a name we gave)
+            if header is not None and not _same_boot(header[1], now):
+                removed += _unlink(path)  # written before a reboot: never trusted
+                continue
+            if pid_alive(int(pid)):
+                continue  # running: it may still append
+            if header is None or _SAFE.sub("_", header[0]) != name or path.name.endswith(".new"):
+                removed += _unlink(path)  # never to be read, or superseded by the journal
+            elif key is not None and header[2] == key:
+                candidates.setdefault(header[0], []).append(path)
+        if candidates and db is not None:
+            with db.session() as s:
+                needed = set(
+                    s.scalars(
+                        select(Delivery.worker_id)
+                        .where(
+                            Delivery.status == Status.SENDING,
+                            Delivery.worker_id.in_(list(candidates)),
+                        )
+                        .distinct()
+                    )
+                )
+            for worker, paths in candidates.items():
+                if worker not in needed:
+                    for path in paths:
+                        removed += _unlink(path)
+        return removed
+
+
+def _unlink(path: Path) -> list[Path]:
+    try:
+        path.unlink()
+    except OSError:
+        return []
+    return [path]
+
 
 #: The journals of this host's workers in the default place.
 LOCAL_JOURNALS = LocalJournals()
 
-__all__ = ["LOCAL_JOURNALS", "LocalJournals", "WorkerJournal", "boot_marker", "journal_dir"]
+__all__ = [
+    "LOCAL_JOURNALS",
+    "LocalJournals",
+    "WorkerJournal",
+    "boot_marker",
+    "database_key",
+    "journal_dir",
+    "pid_alive",
+    "same_boot",
+]

@@ -287,14 +287,14 @@ class _Worker:
             except MailerError as exc:
                 self._outcome(row, Status.FAILED, None, f"cannot render: {exc}", now)
                 continue
-            if self.dkim is not None:
-                data = self.dkim.sign(data)
             envelope_from = self.plan.campaign.sender
             if self.settings.bounce_address:
                 token = self.signer.sign("b", self.plan.campaign_id, row.recipient_id)
                 envelope_from = verp_address(self.settings.bounce_address, token)
             address_hash = self.signer.address_hash(row.email)
             jobs.append(_Job(row, envelope_from, row.email, data, address_hash, message_id))
+        if self.dkim is not None:  # signed on a thread first, then committed
+            return _Group(jobs, asyncio.ensure_future(_dkim_sign_and_commit(self, jobs, now)))
         commit = asyncio.ensure_future(
             self._db(
                 self.log.mark_sending,
@@ -442,7 +442,7 @@ class _Worker:
         # Before the first row is `sending`: what this worker puts on the wire, kept
         # where a kill -9 cannot lose it (None: cannot be kept; a crash then leaves its
         # rows in flight `unknown`, as without one).
-        self.journal = WorkerJournal.create(self.log.worker_id)
+        self.journal = WorkerJournal.create(self.log.worker_id, db=self.log.db)
         done = asyncio.Event()
         recorder = asyncio.create_task(self.recorder(done))
         clean = False
@@ -491,6 +491,30 @@ def _dkim_signer(settings: Settings) -> Any:
     from clara_mailer.compose.dkim import DkimSigner
 
     return DkimSigner.from_settings(settings)
+
+
+async def _dkim_sign_and_commit(
+    worker: _Worker, jobs: list[_Job], now: dt.datetime
+) -> dict[str, str]:
+    """Sign a rendered group on a thread, then commit it as ``sending`` (what
+    ``_render_group`` does unsigned). Hashing and the RSA and Ed25519 steps release the
+    GIL, so the event loop keeps sending meanwhile. A message that cannot be signed fails
+    alone and is never marked ``sending``."""
+    loop = asyncio.get_running_loop()
+    signed = await loop.run_in_executor(None, worker.dkim.sign_many, [j.data for j in jobs])
+    kept = []
+    for job, data in zip(jobs, signed, strict=True):
+        if isinstance(data, ValueError):
+            worker._outcome(job.row, Status.FAILED, None, f"cannot sign: {data}", now)
+        else:
+            job.data = data
+            kept.append(job)
+    jobs[:] = kept
+    return await worker._db(
+        worker.log.mark_sending,
+        [(j.row.id, j.message_id, j.address_hash) for j in jobs],
+        worker.plan.campaign.kind,
+    )
 
 
 def run_send(

@@ -63,7 +63,7 @@ def copy_database(
         for model in (Recipient, Campaign):
             if out.scalar(select(func.count()).select_from(model)):
                 raise DatabaseError(
-                    f"the target {target.safe_url} already holds {model.__tablename__}: "
+                    f"the target {target.safe_url} already holds {model.__table__.name}: "
                     "copy only into a new, empty database"
                 )
         out.execute(delete(Segment))

@@ -9,24 +9,27 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from clara_mailer.core.errors import DatabaseError, SchemaOutdated
 from clara_mailer.core.resources import MIGRATIONS
 from clara_mailer.core.settings import Settings
-from clara_mailer.store.models import Meta
+from clara_mailer.store.tables import meta
+
+if TYPE_CHECKING:  # the ORM is imported on the first session(): reading needs none
+    from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = MIGRATIONS
 #: The newest migration. Every command checks the database against it, so it is a
 #: constant rather than asked of Alembic, whose import costs ~0.15 s and ~18 MB; a test
 #: keeps it equal to the head of migrations/.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -42,11 +45,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin_immediate(conn: Any) -> None:
+def _sqlite_begin(conn: Any) -> None:
     # Take the write lock when a transaction starts: a deferred transaction that reads and
     # then writes fails at once with SQLITE_BUSY under WAL when another process wrote in
     # between, instead of waiting for busy_timeout. Several senders share one file safely.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read-only transaction (``Database.reading``) is deferred: a WAL snapshot that
+    # never waits for, nor holds up, a writer.
+    read_only = conn.get_execution_options().get(_READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "clara_read_only"
 
 
 @contextmanager
@@ -71,7 +80,7 @@ def create_db_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
         return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
@@ -97,7 +106,12 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_db_engine(url)
-        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @cached_property
+    def sessionmaker(self) -> sessionmaker[Session]:
+        from sqlalchemy.orm import sessionmaker
+
+        return sessionmaker(self.engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -108,6 +122,17 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         with self.sessionmaker() as session, session.begin():
             yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A Core connection in one read-only transaction: one consistent snapshot for
+        every query in it (SQLite WAL; PostgreSQL REPEATABLE READ, READ ONLY), which
+        takes no write lock, and needs no ORM."""
+        options: dict[str, Any] = {_READ_ONLY: True}
+        if self.dialect == "postgresql":
+            options.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with self.engine.connect().execution_options(**options) as conn, conn.begin():
+            yield conn
 
     def current_revision(self) -> str | None:
         """The schema's revision (None: no schema); DatabaseError when unreachable."""
@@ -152,25 +177,29 @@ class Database:
         """The configured secret, else one generated once and kept in the database."""
         if settings.secret_key:
             return settings.secret_key
-        with self.session() as s:
-            row = s.get(Meta, "secret_key")
-            if row is not None:
-                return row.value
+        stored = select(meta.c.value).where(meta.c.key == "secret_key")
+        with self.reading() as conn:
+            found: str | None = conn.scalar(stored)
+            if found is not None:
+                return found
         try:
-            with self.session() as s:
-                s.add(Meta(key="secret_key", value=secrets.token_urlsafe(32)))
+            with self.engine.begin() as conn:
+                conn.execute(
+                    meta.insert().values(key="secret_key", value=secrets.token_urlsafe(32))
+                )
         except IntegrityError:
             pass  # another process generated it first: use theirs
-        with self.session() as s:
-            return s.scalars(select(Meta.value).where(Meta.key == "secret_key")).one()
+        with self.reading() as conn:
+            value: str = conn.execute(stored).scalar_one()
+            return value
 
     def has_stored_secret_key(self) -> bool:
         """Whether a generated secret key is kept in the database (read only: unlike
         ``secret_key`` it never generates one, nor creates the schema)."""
         with _reaching(self.url), self.engine.connect() as conn:
-            if not inspect(conn).has_table(Meta.__tablename__):
+            if not inspect(conn).has_table(meta.name):
                 return False
-            found = conn.scalar(select(Meta.value).where(Meta.key == "secret_key"))
+            found = conn.scalar(select(meta.c.value).where(meta.c.key == "secret_key"))
             return found is not None
 
     def dispose(self) -> None:

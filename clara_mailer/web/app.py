@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import jinja2
@@ -32,7 +32,6 @@ from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
-    PlainTextResponse,
     RedirectResponse,
     Response,
 )
@@ -132,8 +131,14 @@ class GuardMiddleware:
 _SECURITY_NAMES = {name.lower() for name in SECURITY_HEADERS}
 
 
+@cache
+def _too_large_page() -> str:
+    return (WEB_TEMPLATES / "too_large.html").read_text(encoding="utf-8")
+
+
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    response = PlainTextResponse("Request body too large.\n", status_code=413)
+    # In Spanish and English, as every other 4xx page: nothing was read, nothing changed.
+    response = HTMLResponse(_too_large_page(), status_code=413)
     await response(scope, receive, send)
 
 

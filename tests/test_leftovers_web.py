@@ -1,0 +1,57 @@
+"""The 413 page of the web app: in Spanish and English like every other 4xx page, through
+uvicorn and a real HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+
+from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.web.app import MAX_BODY_BYTES, SECURITY_HEADERS
+from tests.optout_seed import Seeded
+
+
+def _bilingual(response: httpx.Response) -> None:
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert '<html lang="es">' in page
+    assert "Solicitud demasiado grande" in page and "no ha cambiado nada" in page
+    assert '<h1 lang="en">Request too large</h1>' in page and "nothing has changed" in page
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value, name
+
+
+def test_too_large_is_a_bilingual_page_as_the_400_one(
+    client: httpx.Client, signer: TokenSigner, seeded: Seeded
+) -> None:
+    url = f"/u/{signer.sign('u', seeded.newsletter_id, seeded.ana_id)}"
+    # The 400 page this one matches: Spanish first, English beside it.
+    bad = client.post(url, data={"action": "nonsense"})
+    assert bad.status_code == 400 and '<h1 lang="en">Bad request</h1>' in bad.text
+
+    padding = "x" * (MAX_BODY_BYTES + 1)
+    declared = client.post(url, data={"List-Unsubscribe": "One-Click", "pad": padding})
+    assert declared.status_code == 413
+    _bilingual(declared)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused as it streams in
+        yield b"List-Unsubscribe=One-Click&pad="
+        for _ in range(10):
+            yield b"x" * 1000
+
+    chunked = client.post(
+        url, content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert chunked.status_code == 413
+    _bilingual(chunked)
+
+    # The subscription form and the dashboard's login are behind the same guard.
+    for path in ("/subscribe", "/admin/login"):
+        response = client.post(
+            path,
+            content=b"x" * (MAX_BODY_BYTES * 2),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 413, path
+        _bilingual(response)
