@@ -44,16 +44,12 @@ def parse_at(text: str) -> dt.datetime:
 
 
 def record_schedule(
-    app: App, campaign: str, at: str, options: SendOptions, processes: int | None = None
+    app: App, campaign: str, at: str, options: SendOptions, processes: int = 1
 ) -> None:
     """``send CAMPAIGN --at TIME``: the plan and the time recorded, nothing sent. The
-    schedule keeps ``--processes`` too (taken from the ``send`` command line when not
-    given), so the runner sends with as many processes as asked."""
+    schedule keeps ``--processes`` too, so the runner sends with as many processes."""
     from clara_mailer.audience.schedule import ScheduledOptions
 
-    if processes is None:
-        context = click.get_current_context(silent=True)
-        processes = int(context.params.get("processes") or 1) if context else 1
     kept = ScheduledOptions.of(options, processes)
     row = app.mailer.schedule_send(campaign, kept, parse_at(at))
     click.echo(

@@ -141,7 +141,7 @@ def send_cmd(
         if cancel_schedule:
             cancel(app, campaign)
         else:
-            record_schedule(app, campaign, str(at), options)
+            record_schedule(app, campaign, str(at), options, processes)
         return
     if test_to:
         for language, segment, result in app.mailer.send_test(campaign, test_to, segments):
