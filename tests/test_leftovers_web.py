@@ -55,3 +55,18 @@ def test_too_large_is_a_bilingual_page_as_the_400_one(
         )
         assert response.status_code == 413, path
         _bilingual(response)
+
+
+def test_the_routers_404_and_405_are_bilingual_pages(client: httpx.Client) -> None:
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("text/html")
+    assert '<html lang="es">' in missing.text
+    assert "Página no encontrada" in missing.text and "Page not found" in missing.text
+    wrong = client.post("/health")
+    assert wrong.status_code == 405
+    assert set(wrong.headers["allow"].split(", ")) == {"GET", "HEAD"}  # kept from the router
+    assert "Método no permitido" in wrong.text and "Method not allowed" in wrong.text
+    for response in (missing, wrong):
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers[name] == value

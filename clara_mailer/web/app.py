@@ -132,14 +132,24 @@ _SECURITY_NAMES = {name.lower() for name in SECURITY_HEADERS}
 
 
 @cache
-def _too_large_page() -> str:
-    return (WEB_TEMPLATES / "too_large.html").read_text(encoding="utf-8")
+def _static_page(name: str) -> str:
+    return (WEB_TEMPLATES / name).read_text(encoding="utf-8")
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
     # In Spanish and English, as every other 4xx page: nothing was read, nothing changed.
-    response = HTMLResponse(_too_large_page(), status_code=413)
+    response = HTMLResponse(_static_page("too_large.html"), status_code=413)
     await response(scope, receive, send)
+
+
+#: The router's own answers, in Spanish and English like every other 4xx page.
+_ROUTER_PAGES = {404: "not_found.html", 405: "not_allowed.html"}
+
+
+async def _router_page(request: Request, exc: Exception) -> Response:
+    status = int(getattr(exc, "status_code", 404))
+    page = _static_page(_ROUTER_PAGES.get(status, "not_found.html"))
+    return HTMLResponse(page, status_code=status, headers=getattr(exc, "headers", None))
 
 
 #: The paths a trailing-slash redirect may lead to (never ``//host``: an open redirect).
@@ -379,6 +389,7 @@ def create_app(mailer: Mailer) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(GuardMiddleware), Middleware(SlashRedirectMiddleware)],
+        exception_handlers={status: _router_page for status in _ROUTER_PAGES},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # it would reflect the Host header
