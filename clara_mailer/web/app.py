@@ -131,24 +131,62 @@ class GuardMiddleware:
 _SECURITY_NAMES = {name.lower() for name in SECURITY_HEADERS}
 
 
+#: The pages the app answers with when no handler of its own does: heading and text,
+#: in Spanish and English like every other 4xx page (``templates/web/status.html``).
+STATUS_PAGES: dict[int, dict[str, tuple[str, str]]] = {
+    404: {
+        "es": (
+            "Página no encontrada",
+            "Esta dirección no corresponde a ninguna página. Si la ha copiado de un mensaje, "
+            "compruebe que está completa.",
+        ),
+        "en": (
+            "Page not found",
+            "This address is not a page here. If you copied it from a message, check that "
+            "it is complete.",
+        ),
+    },
+    405: {
+        "es": (
+            "Método no permitido",
+            "Esta página no admite esa clase de solicitud: no ha cambiado nada.",
+        ),
+        "en": (
+            "Method not allowed",
+            "This page does not take that kind of request: nothing has changed.",
+        ),
+    },
+    413: {
+        "es": (
+            "Solicitud demasiado grande",
+            "El formulario enviado es demasiado grande y no se ha procesado: no ha cambiado "
+            "nada. Vuelva a la página anterior e inténtelo de nuevo.",
+        ),
+        "en": (
+            "Request too large",
+            "The form sent is too large and was not processed: nothing has changed. Go back "
+            "to the previous page and try again.",
+        ),
+    },
+}
+
+
 @cache
-def _static_page(name: str) -> str:
-    return (WEB_TEMPLATES / name).read_text(encoding="utf-8")
+def _status_page(status: int) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_TEMPLATES), autoescape=True)
+    return env.get_template("status.html").render(page=STATUS_PAGES[status])
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    # In Spanish and English, as every other 4xx page: nothing was read, nothing changed.
-    response = HTMLResponse(_static_page("too_large.html"), status_code=413)
+    # Nothing was read, nothing changed.
+    response = HTMLResponse(_status_page(413), status_code=413)
     await response(scope, receive, send)
 
 
-#: The router's own answers, in Spanish and English like every other 4xx page.
-_ROUTER_PAGES = {404: "not_found.html", 405: "not_allowed.html"}
-
-
 async def _router_page(request: Request, exc: Exception) -> Response:
+    """The router's own 404 and 405 (the ``Allow`` header kept)."""
     status = int(getattr(exc, "status_code", 404))
-    page = _static_page(_ROUTER_PAGES.get(status, "not_found.html"))
+    page = _status_page(status if status in STATUS_PAGES else 404)
     return HTMLResponse(page, status_code=status, headers=getattr(exc, "headers", None))
 
 
@@ -389,7 +427,7 @@ def create_app(mailer: Mailer) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(GuardMiddleware), Middleware(SlashRedirectMiddleware)],
-        exception_handlers={status: _router_page for status in _ROUTER_PAGES},
+        exception_handlers={404: _router_page, 405: _router_page},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # it would reflect the Host header
