@@ -160,13 +160,21 @@ def test_a_tampered_message_fails_both(keys: dict[str, bytes], old: bytes, new: 
     assert not _verify(forged, keys, 1)
 
 
-def test_sign_many_signs_each_and_returns_why_one_cannot_be(keys: dict[str, bytes]) -> None:
+def test_unsigned_then_signed_elsewhere_is_sign(keys: dict[str, bytes]) -> None:
+    """The sender's way (``unsigned_parts`` here, ``sign_digests`` in the signing process,
+    ``complete`` here) gives ``sign``'s two headers; a header dkimpy cannot read either is
+    a ValueError that says why, before any signing."""
     signer = _dual(keys)
-    bad = b" a continuation line first\r\nFrom: x@clara.example\r\n\r\nbody\r\n"
-    good = MESSAGES["plain"]
-    first, error, second = signer.sign_many([good, bad, good], now=NOW)
-    assert first == second == signer.sign(good, now=NOW)
-    assert isinstance(error, ValueError) and "continuation" in str(error)
+    message = MESSAGES["plain"]
+    head, _, body = message.partition(b"\r\n\r\n")
+    unsigned = signer.unsigned_parts(head + b"\r\n\r\n", [body[:7], body[7:]], now=NOW)
+    assert len(unsigned.digests) == 2
+    signed = unsigned.complete(signer.sign_digests(unsigned.digests)) + message
+    assert signed == signer.sign(message, now=NOW)
+    assert _verify(signed, keys, 0) and _verify(signed, keys, 1)
+    bad = b" a continuation line first\r\nFrom: x@clara.example\r\n\r\n"
+    with pytest.raises(ValueError, match="continuation"):
+        signer.unsigned_parts(bad, [b"body\r\n"], now=NOW)
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def test_bad_ed25519_key_files_are_config_errors(key_files: dict[str, Path]) -> 
 def test_a_dual_signed_send_verifies_both_as_received(
     db: Database, settings: Settings, key_files: dict[str, Path], keys: dict[str, bytes]
 ) -> None:
-    """Signed on the worker's thread, then sent: every message as the server got it
+    """Signed in the signing process, then sent: every message as the server got it
     carries both signatures, RSA on top, and both verify."""
     from tests.send_helpers import add_recipients
     from tests.smtp_server import RecordingSMTPServer

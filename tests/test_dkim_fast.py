@@ -199,3 +199,114 @@ def test_body_canonicalisation_is_dkimpys_over_long_runs() -> None:
     for _ in range(400):
         body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 120)))
         assert _relaxed_body(body) == Relaxed.canonicalize_body(body), body
+
+
+# -- a body given in parts (the renderer's), made relaxed part by part ----------------------
+
+
+def _head_and_body(message: bytes) -> tuple[bytes, bytes]:
+    end = message.find(b"\r\n\r\n")
+    return (message, b"") if end == -1 else (message[: end + 4], message[end + 4 :])
+
+
+def _cut(body: bytes, rng: object) -> list[bytes]:
+    """``body`` cut at random places: mid-line, between CR and LF, empty parts too."""
+    import random
+
+    assert isinstance(rng, random.Random)
+    cuts = sorted(rng.randrange(0, len(body) + 1) for _ in range(rng.randrange(0, 6)))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_parts_give_the_digests_of_the_whole_message(
+    rsa_key: tuple[rsa.RSAPrivateKey, bytes], name: str
+) -> None:
+    """Every message of the set above, its body cut anywhere (and again, from the cache
+    of relaxed parts): the same tags and digests as the whole message."""
+    import random
+
+    signer = DkimSigner(
+        "clara.example", "s2022", _pem(rsa_key[0], serialization.PrivateFormat.PKCS8)
+    )
+    message = MESSAGES[name]
+    head, body = _head_and_body(message)
+    whole = signer.unsigned(message, now=NOW)
+    rng = random.Random(name)
+    for _ in range(20):
+        parts = _cut(body, rng)
+        assert signer.unsigned_parts(head, parts, now=NOW) == whole, parts
+        assert signer.unsigned_parts(head, parts, now=NOW) == whole, parts  # cached
+    # A header that does not end where the parts begin is read as a whole message.
+    assert signer.unsigned_parts(message, [], now=NOW) == whole
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\r\n",
+        b"\n\r\n",
+        b"\n",
+        b"From: a@clara.example\n\nX-Body: 1\r\n\r\n",
+        b"From: a@clara.example\r\n\r\nX-Body: 1\r\n\r\n",
+        b"From: a@clara.example\nSubject: LF \t then CRLF\n\r\n",
+        b"From: a@clara.example\r\nSubject: no empty line\r\n",
+    ],
+)
+def test_parts_after_an_odd_header(rsa_key: tuple[rsa.RSAPrivateKey, bytes], head: bytes) -> None:
+    """Where the empty line that ends the header is not the end of ``head``, the parts
+    still give the whole message's digests."""
+    signer = DkimSigner(
+        "clara.example", "s2022", _pem(rsa_key[0], serialization.PrivateFormat.PKCS8)
+    )
+    parts = [b"X-Part: body  line \r\n", b"\r\n", b"body\r\n"]
+    assert signer.unsigned_parts(head, parts, now=NOW) == signer.unsigned(
+        head + b"".join(parts), now=NOW
+    )
+
+
+def test_parts_of_random_bodies(rsa_key: tuple[rsa.RSAPrivateKey, bytes]) -> None:
+    """Random bodies of spaces, tabs, CRs and line ends, cut at random (seeded), the large
+    parts met again with other neighbours: always the whole message's digests."""
+    import random
+
+    signer = DkimSigner(
+        "clara.example", "s2022", _pem(rsa_key[0], serialization.PrivateFormat.PKCS8)
+    )
+    pieces = [b"w", b" ", b"  ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b" \r\n"]
+    rng = random.Random(6376)
+    shared = [b"".join(rng.choice(pieces) for _ in range(800)) + b"\r\n" for _ in range(3)]
+    for _ in range(300):
+        parts = [
+            rng.choice(shared)
+            if rng.random() < 0.4
+            else b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+            for _ in range(rng.randrange(0, 6))
+        ]
+        whole = signer.unsigned(HEADERS + b"\r\n" + b"".join(parts), now=NOW)
+        assert signer.unsigned_parts(HEADERS + b"\r\n", parts, now=NOW) == whole, parts
+    assert signer._relaxed, "the large shared parts were kept"
+
+
+def test_the_renderers_parts_sign_as_its_message(
+    rsa_key: tuple[rsa.RSAPrivateKey, bytes],
+) -> None:
+    """What the sender signs: the renderer's header and body parts give the digests of
+    the message it renders, and the signature made from them verifies with dkimpy."""
+    from tests.test_render import CAMPAIGNS, person, renderer
+
+    key, record = rsa_key
+    signer = DkimSigner("clara.example", "s2022", _pem(key, serialization.PrivateFormat.PKCS8))
+    for slug in CAMPAIGNS:
+        campaign = renderer(slug)
+        for language, name in (("es", "Inés  García"), ("en", ""), ("es", "Ana\tPérez ")):
+            who = person(language=language, name=name)
+            message_id = campaign.message_id(who)
+            head, body = campaign.render_parts(who, message_id=message_id)
+            assert head.endswith(b"\r\n\r\n") and len(body) > 1
+            message = head + b"".join(body)
+            whole = signer.unsigned(message, now=NOW)
+            assert signer.unsigned_parts(head, body, now=NOW) == whole
+            signed = whole.complete(signer.sign_digests(whole.digests)) + message
+            assert signed == signer.sign(message, now=NOW)
+            assert dkim.verify(signed, dnsfunc=_dns(record))

