@@ -36,6 +36,7 @@ from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.store.database import Database, open_database
 from clara_mailer.store.models import utcnow
 from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
+from clara_mailer.transport.base import MessageChecker
 
 if TYPE_CHECKING:
     from clara_mailer.compose.dkim import Unsigned
@@ -99,8 +100,10 @@ class _Job:
     data: bytes
     address_hash: str
     message_id: str
-    #: With DKIM: the signature(s) but the private-key step, which the signing process does.
+    #: With DKIM, until signed: the signature(s) but the private-key step (the signing
+    #: process does that), and the message's parts (``data`` is empty until then).
     unsigned: Unsigned | None = None
+    parts: list[bytes] | None = None
 
 
 @dataclass
@@ -134,6 +137,7 @@ class _Worker:
             plan.campaign, settings, self.signer, plan.campaign_id
         )
         self.dkim = _signing_process(settings)
+        self.checker = MessageChecker()  # the wire's checks, once per shared part
         #: Groups rendered and committing while an earlier one is handed over: a signed
         #: group waits for the signing process before its commit, so one more goes ahead.
         self.depth = 1 if self.dkim is None else 2
@@ -143,7 +147,10 @@ class _Worker:
         self.inflight = 0
         self.handed = 0
         self.counts: Counter[str] = Counter()  # recipients by their latest outcome
-        self.latest: dict[int, str] = {}  # delivery id -> its latest outcome in this run
+        #: Rows whose latest outcome in this run is `deferred`: the only ones that can
+        #: have another (a retry in the run). Every other outcome is final, so memory
+        #: does not grow with the campaign.
+        self.deferred: set[int] = set()
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clara-db")
         self.started = time.monotonic()
@@ -295,20 +302,24 @@ class _Worker:
             except MailerError as exc:
                 self._outcome(row, Status.FAILED, None, f"cannot render: {exc}", now)
                 continue
-            data = head + b"".join(body)
-            unsigned = None
-            if self.dkim is not None:
+            unsigned = parts = None
+            if self.dkim is None:
+                data = self.checker.join([head, *body])
+            else:
                 try:
                     unsigned = self.dkim.signer.unsigned_parts(head, body, now=stamp)
                 except ValueError as exc:  # never marked `sending`: it fails alone
                     self._outcome(row, Status.FAILED, None, f"cannot sign: {exc}", now)
                     continue
+                data, parts = b"", [head, *body]
             envelope_from = self.plan.campaign.sender
             if self.settings.bounce_address:
                 token = self.signer.sign("b", self.plan.campaign_id, row.recipient_id)
                 envelope_from = verp_address(self.settings.bounce_address, token)
             address_hash = self.signer.address_hash(row.email)
-            job = _Job(row, envelope_from, row.email, data, address_hash, message_id, unsigned)
+            job = _Job(
+                row, envelope_from, row.email, data, address_hash, message_id, unsigned, parts
+            )
             jobs.append(job)
         if self.dkim is not None:  # signed in the signing process first, then committed
             return _Group(jobs, asyncio.ensure_future(self._sign_and_commit(self.dkim, jobs)))
@@ -327,10 +338,11 @@ class _Worker:
         digests = [d for job in jobs if job.unsigned for d in job.unsigned.digests]
         signatures = iter(await signing.sign(digests))
         for job in jobs:
-            assert job.unsigned is not None
+            assert job.unsigned is not None and job.parts is not None
             keys = len(job.unsigned.digests)
-            job.data = job.unsigned.complete([next(signatures) for _ in range(keys)]) + job.data
-            job.unsigned = None
+            headers = job.unsigned.complete([next(signatures) for _ in range(keys)])
+            job.data = self.checker.join([headers, *job.parts])
+            job.unsigned = job.parts = None
         return await self._db(
             self.log.mark_sending,
             [(j.row.id, j.message_id, j.address_hash) for j in jobs],
@@ -389,10 +401,11 @@ class _Worker:
         self.inflight -= 1
         reply = f"{result.code} {result.reply}".strip() if result.code else result.reply
         code = result.code or None
+        retry_at = None
         if result.outcome == Outcome.SENT:
-            self._outcome(job.row, Status.SENT, code, reply, now)
+            status = Status.SENT
         elif result.outcome == Outcome.FAILED:
-            self._outcome(job.row, Status.FAILED, code, reply, now)
+            status = Status.FAILED
         elif result.outcome == Outcome.UNKNOWN:
             self._outcome(job.row, Status.UNKNOWN, code, reply, now)
             return  # no reply: the journal's end of DATA says as much
@@ -403,12 +416,13 @@ class _Worker:
             # Give up when the next try would fall after the retry period (Postfix's
             # maximal_queue_lifetime): a newsletter goes stale.
             if retry_at > first + dt.timedelta(seconds=self.settings.retry_expire):
-                self._outcome(job.row, Status.FAILED, code, f"gave up after retries: {reply}", now)
+                status, reply, retry_at = Status.FAILED, f"gave up after retries: {reply}", None
             else:
-                self._outcome(job.row, Status.DEFERRED, code, reply, now, next_attempt_at=retry_at)
+                status = Status.DEFERRED
+        self._outcome(job.row, status, code, reply, now, next_attempt_at=retry_at)
         if self.journal is not None:
             # The reply to an end of DATA, kept until the batch below is committed.
-            self.journal.reply(job.row.id, self.latest[job.row.id], result.code)
+            self.journal.reply(job.row.id, status, result.code)
 
     def _delay(self, attempts: int) -> float:
         if attempts <= len(self.delays):
@@ -429,12 +443,13 @@ class _Worker:
     ) -> None:
         self.pending.append(Record(row.id, status, code, reply, at, next_attempt_at, attempt))
         # Counts are per recipient: a row deferred and then sent in this run is one "sent".
-        before = self.latest.get(row.id)
-        if before is not None:
-            self.counts[before] -= 1
-            if self.counts[before] <= 0:
-                del self.counts[before]
-        self.latest[row.id] = status
+        if row.id in self.deferred:
+            self.deferred.discard(row.id)
+            self.counts[Status.DEFERRED] -= 1
+            if self.counts[Status.DEFERRED] <= 0:
+                del self.counts[Status.DEFERRED]
+        if status == Status.DEFERRED:
+            self.deferred.add(row.id)
         self.counts[status] += 1
 
     # recorder and housekeeping -------------------------------------------------------

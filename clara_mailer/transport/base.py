@@ -18,7 +18,7 @@ what to do with every outcome::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -129,8 +129,59 @@ def prepare_envelope(
         return SendResult(Outcome.FAILED, 0, f"domain cannot be IDNA-encoded: {recipient}")
 
 
+_DOT_LINE = re.compile(rb"\r\n\.")
+
+
+class CheckedMessage(bytes):
+    """Message bytes known to need neither check of the wire: every line end is CRLF,
+    the last included, and no line starts with "." (DATA needs no dot-stuffing). Made by
+    ``MessageChecker.join``; any other ``bytes`` is checked as it goes out."""
+
+
+class MessageChecker:
+    """Joins a message's parts, checking each large part once: the renderer's parts that
+    every message of a variant shares are the same objects each time, so a message costs
+    a scan of its few own lines instead of two scans of the whole (~45 us for 38 kB)."""
+
+    #: Parts this long or longer have their verdict kept, at most this many.
+    CACHED_PART = 1024
+    CACHED_PARTS = 256
+
+    def __init__(self) -> None:
+        self._clean: dict[bytes, bool] = {}
+
+    def join(self, parts: Sequence[bytes]) -> bytes:
+        """The parts joined: a ``CheckedMessage`` when it qualifies, else plain bytes."""
+        data = b"".join(parts)
+        line_start = True  # where the next part begins
+        for part in parts:
+            if not part:
+                continue
+            if line_start and part[:1] == b".":
+                return data
+            clean = self._clean.get(part)
+            if clean is None:
+                clean = _clean_part(part)
+                if len(part) >= self.CACHED_PART:
+                    if len(self._clean) >= self.CACHED_PARTS:
+                        self._clean.clear()
+                    self._clean[part] = clean
+            if not clean:
+                return data
+            line_start = part.endswith(b"\n")
+        return CheckedMessage(data) if line_start and data else data
+
+
+def _clean_part(part: bytes) -> bool:
+    """CR and LF only as CRLF pairs inside the part, and no line in it starts with "."."""
+    crlf = part.count(b"\r\n")
+    return part.count(b"\r") == crlf == part.count(b"\n") and not _DOT_LINE.search(part)
+
+
 def bad_line_endings(message: bytes) -> SendResult | None:
     """A FAILED result when ``message`` has a bare CR or LF, else ``None``."""
+    if isinstance(message, CheckedMessage):
+        return None
     # Two single-byte counts (~20 us for 26 kB) catch a bare LF or CR; counting "\r\n"
     # as well would double the cost for the rare message where bare ones balance out.
     if message.count(b"\n") != message.count(b"\r"):
@@ -138,11 +189,10 @@ def bad_line_endings(message: bytes) -> SendResult | None:
     return None
 
 
-_DOT_LINE = re.compile(rb"\r\n\.")
-
-
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: lines starting with "." doubled, ended by <CRLF>.<CRLF>."""
+    if isinstance(message, CheckedMessage):
+        return message + b".\r\n"
     # A search first: most messages have no line starting with ".". The regular
     # expression's scan (~18 us for 38 kB) beats ``in`` (~28 us), which stops at each CR.
     stuffed = message.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(message) else message

@@ -1,0 +1,86 @@
+"""``MessageChecker``: a message joined from parts skips the wire's two scans only when
+they would find nothing; whatever the parts, what goes out is what the scans make of it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from clara_mailer.transport.base import (
+    CheckedMessage,
+    MessageChecker,
+    bad_line_endings,
+    dot_stuff,
+)
+
+LONG = b"".join(b"line %d of a shared part\r\n" % i for i in range(100))  # cached
+
+
+def _as_plain(message: bytes) -> tuple[bytes, object]:
+    plain = bytes(message)  # a plain copy: both scans run on it
+    return dot_stuff(plain), bad_line_endings(plain)
+
+
+@pytest.mark.parametrize(
+    ("parts", "checked"),
+    [
+        ([b"Subject: x\r\n\r\n", LONG, b"end\r\n"], True),
+        ([b"Subject: x\r\n\r\n", LONG, b".end\r\n"], False),  # a line starts with "."
+        ([b".Subject: x\r\n\r\n", LONG], False),  # the message does
+        ([b"", b".x\r\n"], False),  # after an empty part too
+        ([b"Subject: x\r\n\r\nbody\r\n.dot\r\n"], False),
+        ([b"Subject: x\r\n\r\n", b"bare\nLF\r\n"], False),
+        ([b"Subject: x\r\n\r\n", b"bare\rCR\r\n"], False),
+        ([b"Subject: x\r\n\r\n", b"split\r", b"\nCRLF\r\n"], False),
+        ([b"Subject: x\r\n\r\n", LONG, b"no final line end"], False),
+        ([b"Subject: x\r\n\r\n", b"a part that ends mid-line. ", b".not a line start\r\n"], True),
+        ([], False),
+    ],
+)
+def test_checked_only_when_the_scans_would_find_nothing(parts: list[bytes], checked: bool) -> None:
+    checker = MessageChecker()
+    for _ in range(2):  # the second time from the kept verdicts
+        joined = checker.join(parts)
+        assert joined == b"".join(parts)
+        assert isinstance(joined, CheckedMessage) is checked
+        assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined)
+
+
+def test_random_parts_go_out_as_their_bytes() -> None:
+    """Random parts of text, dots, CRs and LFs, large shared ones among them (seeded):
+    the payload and the verdict on line ends are always those of the plain bytes."""
+    pieces = [b"w", b".", b"\r\n", b"\r\n.", b"\r", b"\n", b" ", b"\r\n\r\n"]
+    rng = random.Random(5321)
+    shared = [LONG, LONG.replace(b"line 7", b".line 7"), LONG + b"\r\n." * 3]
+    checker = MessageChecker()
+    seen = {True: 0, False: 0}
+    for _ in range(400):
+        parts = [
+            rng.choice(shared)
+            if rng.random() < 0.3
+            else b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+            for _ in range(rng.randrange(1, 6))
+        ]
+        joined = checker.join(parts)
+        assert joined == b"".join(parts)
+        assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined), parts
+        seen[isinstance(joined, CheckedMessage)] += 1
+    assert seen[True] and seen[False], seen  # both ways were taken
+
+
+def test_a_rendered_message_is_checked() -> None:
+    """The renderer's messages take the fast way unless a line starts with "." (the
+    press release has one, where quoted-printable wraps before a full stop), and go out
+    byte for byte as before."""
+    from tests.test_render import CAMPAIGNS, person, renderer
+
+    checker = MessageChecker()
+    fast = {}
+    for slug in CAMPAIGNS:
+        head, body = renderer(slug).render_parts(person())
+        joined = checker.join([head, *body])
+        fast[slug] = isinstance(joined, CheckedMessage)
+        assert fast[slug] is (b"\r\n." not in joined)
+        assert dot_stuff(joined) == dot_stuff(bytes(joined))
+    assert fast["newsletter-2022-01"] and fast["conference-2022-02-04"]
