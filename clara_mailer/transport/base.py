@@ -133,49 +133,65 @@ _DOT_LINE = re.compile(rb"\r\n\.")
 
 
 class CheckedMessage(bytes):
-    """Message bytes known to need neither check of the wire: every line end is CRLF,
-    the last included, and no line starts with "." (DATA needs no dot-stuffing). Made by
-    ``MessageChecker.join``; any other ``bytes`` is checked as it goes out."""
+    """Message bytes whose line ends are all CRLF, the last included, with the pieces of
+    their DATA payload beside them (dot-stuffed, ended by ".<CRLF>"; mostly the variant's
+    shared pieces, so they cost little memory). Made by ``MessageChecker.join``; any other
+    ``bytes`` is checked and stuffed as it goes out."""
+
+    wire: list[bytes]
 
 
 class MessageChecker:
-    """Joins a message's parts, checking each large part once: the renderer's parts that
-    every message of a variant shares are the same objects each time, so a message costs
-    a scan of its few own lines instead of two scans of the whole (~45 us for 38 kB)."""
+    """Joins a message's parts and makes its DATA payload, checking and dot-stuffing each
+    large part once: the renderer's parts that every message of a variant shares are the
+    same objects each time, so a message costs a scan of its few own lines instead of
+    three scans of the whole (~55 us for 38 kB)."""
 
-    #: Parts this long or longer have their verdict kept, at most this many.
+    #: Parts this long or longer have their wire form kept, at most this many.
     CACHED_PART = 1024
     CACHED_PARTS = 256
 
     def __init__(self) -> None:
-        self._clean: dict[bytes, bool] = {}
+        self._wire: dict[bytes, bytes | None] = {}
 
     def join(self, parts: Sequence[bytes]) -> bytes:
-        """The parts joined: a ``CheckedMessage`` when it qualifies, else plain bytes."""
+        """The parts joined: a ``CheckedMessage`` when its line ends are all CRLF (a CR
+        and its LF in one part), else plain bytes."""
         data = b"".join(parts)
+        wire = []
         line_start = True  # where the next part begins
         for part in parts:
             if not part:
                 continue
-            if line_start and part[:1] == b".":
-                return data
-            clean = self._clean.get(part)
-            if clean is None:
-                clean = _clean_part(part)
+            if part in self._wire:
+                stuffed = self._wire[part]
+            else:
+                stuffed = _wire_part(part)
                 if len(part) >= self.CACHED_PART:
-                    if len(self._clean) >= self.CACHED_PARTS:
-                        self._clean.clear()
-                    self._clean[part] = clean
-            if not clean:
+                    if len(self._wire) >= self.CACHED_PARTS:
+                        self._wire.clear()
+                    self._wire[part] = stuffed
+            if stuffed is None:
                 return data
+            if line_start and part[:1] == b".":
+                wire.append(b".")
+            wire.append(stuffed)
             line_start = part.endswith(b"\n")
-        return CheckedMessage(data) if line_start and data else data
+        if not (line_start and data):
+            return data
+        message = CheckedMessage(data)
+        wire.append(b".\r\n")
+        message.wire = wire
+        return message
 
 
-def _clean_part(part: bytes) -> bool:
-    """CR and LF only as CRLF pairs inside the part, and no line in it starts with "."."""
+def _wire_part(part: bytes) -> bytes | None:
+    """``part`` with its inner lines that start with "." doubled, or None when it has a
+    CR or LF that is not in a CRLF pair."""
     crlf = part.count(b"\r\n")
-    return part.count(b"\r") == crlf == part.count(b"\n") and not _DOT_LINE.search(part)
+    if not part.count(b"\r") == crlf == part.count(b"\n"):
+        return None
+    return part.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(part) else part
 
 
 def bad_line_endings(message: bytes) -> SendResult | None:
@@ -192,7 +208,7 @@ def bad_line_endings(message: bytes) -> SendResult | None:
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: lines starting with "." doubled, ended by <CRLF>.<CRLF>."""
     if isinstance(message, CheckedMessage):
-        return message + b".\r\n"
+        return b"".join(message.wire)
     # A search first: most messages have no line starting with ".". The regular
     # expression's scan (~18 us for 38 kB) beats ``in`` (~28 us), which stops at each CR.
     stuffed = message.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(message) else message
