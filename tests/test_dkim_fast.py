@@ -270,6 +270,8 @@ def test_parts_of_random_bodies(rsa_key: tuple[rsa.RSAPrivateKey, bytes]) -> Non
     parts met again with other neighbours: always the whole message's digests."""
     import random
 
+    from tests.test_message_checker import random_parts
+
     signer = DkimSigner(
         "clara.example", "s2022", _pem(rsa_key[0], serialization.PrivateFormat.PKCS8)
     )
@@ -277,12 +279,7 @@ def test_parts_of_random_bodies(rsa_key: tuple[rsa.RSAPrivateKey, bytes]) -> Non
     rng = random.Random(6376)
     shared = [b"".join(rng.choice(pieces) for _ in range(800)) + b"\r\n" for _ in range(3)]
     for _ in range(300):
-        parts = [
-            rng.choice(shared)
-            if rng.random() < 0.4
-            else b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
-            for _ in range(rng.randrange(0, 6))
-        ]
+        parts = random_parts(rng, pieces, shared, 0.4, 40, 0)
         whole = signer.unsigned(HEADERS + b"\r\n" + b"".join(parts), now=NOW)
         assert signer.unsigned_parts(HEADERS + b"\r\n", parts, now=NOW) == whole, parts
     assert signer._relaxed, "the large shared parts were kept"

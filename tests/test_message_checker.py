@@ -49,6 +49,24 @@ def test_checked_only_when_every_line_end_is_crlf(parts: list[bytes], checked: b
         assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined)
 
 
+def random_parts(
+    rng: random.Random,
+    pieces: list[bytes],
+    shared: list[bytes],
+    share: float,
+    most: int,
+    fewest: int,
+) -> list[bytes]:
+    """``fewest`` to 5 parts, each one of ``shared`` (with chance ``share``) or up to
+    ``most`` random ``pieces``: the renderer's shared parts among a message's own."""
+    return [
+        rng.choice(shared)
+        if rng.random() < share
+        else b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, most)))
+        for _ in range(rng.randrange(fewest, 6))
+    ]
+
+
 def test_random_parts_go_out_as_their_bytes() -> None:
     """Random parts of text, dots, CRs and LFs, large shared ones among them (seeded):
     the payload and the verdict on line ends are always those of the plain bytes."""
@@ -58,12 +76,7 @@ def test_random_parts_go_out_as_their_bytes() -> None:
     checker = MessageChecker()
     seen = {True: 0, False: 0}
     for _ in range(400):
-        parts = [
-            rng.choice(shared)
-            if rng.random() < 0.3
-            else b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
-            for _ in range(rng.randrange(1, 6))
-        ]
+        parts = random_parts(rng, pieces, shared, 0.3, 12, 1)
         joined = checker.join(parts)
         assert joined == b"".join(parts)
         assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined), parts
