@@ -70,6 +70,27 @@ def test_a_dead_signing_process_signs_here_instead(signer: DkimSigner) -> None:
     assert again == signer.sign_digests(DIGESTS)
 
 
+def test_no_process_to_be_had_signs_here(
+    signer: DkimSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system refuses a new process (EAGAIN, as at a process limit): the sender
+    signs on a thread, the same bytes, instead of stopping."""
+    import concurrent.futures
+
+    from clara_mailer.sending import signing
+
+    class Refused(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> concurrent.futures.Future[object]:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(signing, "ProcessPoolExecutor", Refused)
+    process = SigningProcess(signer)
+    try:
+        assert asyncio.run(process.sign(DIGESTS)) == signer.sign_digests(DIGESTS)
+    finally:
+        process.close()
+
+
 SENDER = """
 import asyncio, multiprocessing, os, sys, time
 from clara_mailer.compose.dkim import DkimSigner

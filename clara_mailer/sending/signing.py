@@ -59,7 +59,11 @@ class SigningProcess:
             initargs=(os.getpid(), fields),
         )
         # Started now, so the interpreter's start overlaps the first claim and render.
-        self._pool.submit(_sign, [])
+        try:
+            self._pool.submit(_sign, [])
+        except (OSError, BrokenProcessPool):  # no process to be had: sign on a thread
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     async def sign(self, digests: Sequence[bytes]) -> list[bytes]:
         """``DkimSigner.sign_digests`` of ``digests``, made in the signing process (or on
