@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from clara_mailer.core.errors import ConfigError
+from clara_mailer.core.parts import PartCache
 from clara_mailer.core.settings import Settings
 
 SIGNED_HEADERS = (
@@ -70,8 +71,11 @@ class DkimSigner:
     #: private key (dkimpy's ``dknewkey --ktype ed25519``).
     ed25519_key: bytes | None = None
     #: The relaxed form of large body parts met before (``unsigned_parts``).
-    _relaxed: dict[bytes, bytes] = field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _relaxed: PartCache[bytes] = field(
+        default_factory=lambda: PartCache(_relaxed_whole_lines),
+        init=False,
+        repr=False,
+        compare=False,
     )
 
     def __repr__(self) -> str:
@@ -189,24 +193,15 @@ class DkimSigner:
     def _relaxed_parts(self, parts: Sequence[bytes]) -> bytes:
         """``_relaxed_body`` of the parts joined, part by part: RFC 6376's relaxed body
         works line by line, so whole lines can be made relaxed alone."""
-        cache = self._relaxed
         out = []
         carry = b""  # the end of a part after its last line end, put before the next
         for part in parts:
-            found = cache.get(part) if not carry else None
-            if found is None:
-                if carry:
-                    part, carry = carry + part, b""
-                cut = part.rfind(b"\n") + 1
-                lines, carry = (part, b"") if cut == len(part) else (part[:cut], part[cut:])
-                if lines.count(b"\n") != lines.count(b"\r\n"):
-                    lines = _NEWLINE.sub(b"\r\n", lines)
-                found = _relaxed_lines(lines)
-                if not carry and len(part) >= _CACHED_PART:
-                    if len(cache) >= _CACHED_PARTS:
-                        cache.clear()
-                    cache[part] = found
-            out.append(found)
+            if carry:
+                part, carry = carry + part, b""
+            cut = part.rfind(b"\n") + 1
+            if cut < len(part):
+                part, carry = part[:cut], part[cut:]
+            out.append(self._relaxed(part))
         if carry:
             out.append(_relaxed_lines(carry))
         return _no_trailing_empty_lines(b"".join(out))
@@ -314,9 +309,6 @@ _NEWLINE = re.compile(rb"\r?\n")
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _WSP = re.compile(rb"[\t ]+")
-#: Body parts this long or longer have their relaxed form kept, at most this many.
-_CACHED_PART = 1024
-_CACHED_PARTS = 256
 _FWS = rb"(?:(?:\s*\r?\n)?\s+)?"
 #: The b= tag's value (RFC 6376 section 3.5: hashed as empty).
 _BTAG = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:" + _FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
@@ -366,6 +358,14 @@ def _relaxed_body(body: bytes) -> bytes:
     """RFC 6376 section 3.4.4: whitespace runs made one space, then none at line ends, and
     no empty lines at the end."""
     return _no_trailing_empty_lines(_relaxed_lines(body))
+
+
+def _relaxed_whole_lines(lines: bytes) -> bytes:
+    """``_relaxed_lines`` of whole lines, their line ends made CRLF as ``_parse`` makes
+    a body's."""
+    if lines.count(b"\n") != lines.count(b"\r\n"):
+        lines = _NEWLINE.sub(b"\r\n", lines)
+    return _relaxed_lines(lines)
 
 
 def _relaxed_lines(body: bytes) -> bytes:
