@@ -44,6 +44,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError("CI must run the suite on PostgreSQL: set CLARA_TEST_POSTGRES_URL")
 
 
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No CLARA_* variable from outside; work in an empty folder (for CLI tests on a
+    project folder: ``pytestmark = pytest.mark.usefixtures("clean_environment")``)."""
+    for name in list(os.environ):
+        if name.startswith("CLARA_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CLARA_SECRET_KEY", TEST_SECRET)
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """Collect after each test, so a socket or connection left open fails the test that

@@ -10,16 +10,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from clara_mailer.cli import main
-from tests.conftest import TEST_SECRET
 
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("CLARA_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CLARA_SECRET_KEY", TEST_SECRET)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def run(*args: str) -> Result:

@@ -3,13 +3,12 @@ uvicorn and a real HTTP client."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.web.app import MAX_BODY_BYTES, SECURITY_HEADERS
 from tests.optout_seed import Seeded
+from tests.test_web import oversized_posts
 
 
 def _bilingual(response: httpx.Response) -> None:
@@ -30,21 +29,9 @@ def test_too_large_is_a_bilingual_page_as_the_400_one(
     bad = client.post(url, data={"action": "nonsense"})
     assert bad.status_code == 400 and '<h1 lang="en">Bad request</h1>' in bad.text
 
-    padding = "x" * (MAX_BODY_BYTES + 1)
-    declared = client.post(url, data={"List-Unsubscribe": "One-Click", "pad": padding})
-    assert declared.status_code == 413
-    _bilingual(declared)
-
-    def chunks() -> Iterator[bytes]:  # no Content-Length: refused as it streams in
-        yield b"List-Unsubscribe=One-Click&pad="
-        for _ in range(10):
-            yield b"x" * 1000
-
-    chunked = client.post(
-        url, content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
-    )
-    assert chunked.status_code == 413
-    _bilingual(chunked)
+    for response in oversized_posts(client, url):  # declared, then chunked
+        assert response.status_code == 413
+        _bilingual(response)
 
     # The subscription form and the dashboard's login are behind the same guard.
     for path in ("/subscribe", "/admin/login"):

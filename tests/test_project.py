@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +15,7 @@ from clara_mailer.compose.campaigns import load_campaign
 from clara_mailer.compose.render import check_campaign
 from clara_mailer.core.resources import EMAIL_TEMPLATES
 from clara_mailer.core.settings import CONFIG_FILE, Settings, find_project, load_settings
-from tests.conftest import REPO_ROOT, TEST_SECRET
+from tests.conftest import REPO_ROOT
 
 # `installed_venv`: the non-editable install of tests/install_helpers.py, a session fixture
 # (tests/conftest.py), built once for this module and tests/test_packaging.py.
@@ -24,14 +23,7 @@ from tests.conftest import REPO_ROOT, TEST_SECRET
 SHIPPED = sorted(p.name for p in EMAIL_TEMPLATES.iterdir() if p.is_dir())
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No CLARA_* variable from outside; work in an empty folder."""
-    for name in list(os.environ):
-        if name.startswith("CLARA_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CLARA_SECRET_KEY", TEST_SECRET)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:

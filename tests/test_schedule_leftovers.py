@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from clara_mailer.audience.schedule import (
     STALE_SECONDS,
@@ -33,6 +33,7 @@ from clara_mailer.store.models import Schedule, utcnow
 from tests.conftest import settings_env
 from tests.send_helpers import add_recipients, check_received_once, start_sender
 from tests.smtp_server import Faults, RecordingSMTPServer
+from tests.test_schedule import make_due
 
 Cli = Callable[..., Result]
 CAMPAIGN = "newsletter-2022-01"
@@ -40,15 +41,6 @@ CAMPAIGN = "newsletter-2022-01"
 
 def later(hours: float = 2) -> str:
     return (dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours)).isoformat(timespec="minutes")
-
-
-def make_due(db: Database) -> None:
-    with db.session() as s:
-        s.execute(
-            update(Schedule)
-            .where(Schedule.state == "due")
-            .values(due_at=utcnow() - dt.timedelta(seconds=1))
-        )
 
 
 def the_schedule(db: Database) -> Schedule:

@@ -19,7 +19,7 @@ from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Base, Rsvp, Suppression
-from clara_mailer.web.app import SECURITY_HEADERS, mask_address
+from clara_mailer.web.app import MAX_BODY_BYTES, SECURITY_HEADERS, mask_address
 from tests.conftest import settings_env
 from tests.optout_seed import ANA, JOHN, ZOE, Seeded
 
@@ -277,11 +277,19 @@ def test_oversized_bodies_are_refused(
 ) -> None:
     before = snapshot(db)
     url = f"/u/{signer.sign('u', seeded.newsletter_id, seeded.ana_id)}"
-    padding = "x" * 9000
-    declared = client.post(url, data={"List-Unsubscribe": "One-Click", "pad": padding})
+    declared, chunked = oversized_posts(client, url)
     assert declared.status_code == 413
+    assert chunked.status_code == 413
+    assert snapshot(db) == before
 
-    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+
+def oversized_posts(client: httpx.Client, url: str) -> tuple[httpx.Response, httpx.Response]:
+    """A one-click unsubscribe POST to ``url`` over the body limit, with its length
+    declared, then chunked (no Content-Length: refused as it streams in)."""
+    padding = "x" * (MAX_BODY_BYTES + 1)
+    declared = client.post(url, data={"List-Unsubscribe": "One-Click", "pad": padding})
+
+    def chunks() -> Iterator[bytes]:
         yield b"List-Unsubscribe=One-Click&pad="
         for _ in range(10):
             yield b"x" * 1000
@@ -289,8 +297,7 @@ def test_oversized_bodies_are_refused(
     chunked = client.post(
         url, content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
-    assert chunked.status_code == 413
-    assert snapshot(db) == before
+    return declared, chunked
 
 
 def test_security_headers_on_every_response(
