@@ -39,31 +39,28 @@ SELECTOR = b"bench"
 ED25519_SELECTOR = b"bench-ed25519"
 
 
-def new_ed25519_key() -> tuple[bytes, bytes]:
-    """A fresh Ed25519 key from openssl(1): PEM private key, base64 raw public key."""
-    private = subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "ed25519"], capture_output=True, check=True
-    ).stdout
+def _openssl_key(generate: list[str], public: list[str]) -> tuple[bytes, bytes]:
+    """A fresh private key (PEM) from ``openssl generate...`` and its public key (DER)
+    from ``openssl public... -pubout -outform DER``."""
+    private = subprocess.run(["openssl", *generate], capture_output=True, check=True).stdout
     public_der = subprocess.run(
-        ["openssl", "pkey", "-pubout", "-outform", "DER"],
+        ["openssl", *public, "-pubout", "-outform", "DER"],
         input=private,
         capture_output=True,
         check=True,
     ).stdout
+    return private, public_der
+
+
+def new_ed25519_key() -> tuple[bytes, bytes]:
+    """A fresh Ed25519 key from openssl(1): PEM private key, base64 raw public key."""
+    private, public_der = _openssl_key(["genpkey", "-algorithm", "ed25519"], ["pkey"])
     return private, base64.b64encode(public_der[-32:])  # SubjectPublicKeyInfo ends with it
 
 
 def new_key() -> tuple[bytes, bytes]:
     """A fresh RSA-2048 key from openssl(1): PEM private key, base64 public key for DNS."""
-    private = subprocess.run(
-        ["openssl", "genrsa", "-traditional", "2048"], capture_output=True, check=True
-    ).stdout
-    public_der = subprocess.run(
-        ["openssl", "rsa", "-pubout", "-outform", "DER"],
-        input=private,
-        capture_output=True,
-        check=True,
-    ).stdout
+    private, public_der = _openssl_key(["genrsa", "-traditional", "2048"], ["rsa"])
     return private, base64.b64encode(public_der)
 
 
