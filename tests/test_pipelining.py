@@ -11,6 +11,7 @@ that MAIL, RCPT and DATA really went out together.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -46,13 +47,15 @@ class Scripted:
     message, ``RSET``) to a list of answers used one per command, in turn (then the
     default): a reply line (ending in ``CLOSE``: then hang up), ``HANG_UP`` or
     ``SILENT``. ``joined``: replies to commands that arrived
-    in one read go out in one write; ``split``: every reply goes out a byte at a time.
+    in one read go out in one write; ``split``: every reply goes out a byte at a time;
+    ``hang_up_in_data``: hang up once a message's text has come, before its end.
     """
 
     pipelining: bool = True
     script: dict[str, list[str]] = field(default_factory=dict)
     joined: bool = True
     split: bool = False
+    hang_up_in_data: bool = False
     reads: list[list[str]] = field(default_factory=list)  # the verbs of each read
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -139,6 +142,8 @@ class Scripted:
                         else:
                             skip = end + 5
                         if end == -1:
+                            if self.hang_up_in_data and buffer:
+                                return
                             break
                         self.messages.append(buffer[:end])
                         buffer, in_data = buffer[skip:], False
@@ -178,22 +183,46 @@ def run(
     server: Scripted,
     recipients: list[str],
     check: Callable[[SMTPConnection], Awaitable[None]] | None = None,
+    *,
+    chained: bool = False,
     **kwargs: float,
 ) -> list[SendResult]:
+    """Send one message to each recipient on one connection, with ``send`` or (chained)
+    with ``send_chained``, and return the outcomes in the recipients' order."""
+
     async def go() -> list[SendResult]:
         async with server:
             connection = await server.transport(**kwargs).connect()
             try:
                 if check is not None:
                     await check(connection)
-                return [
-                    await connection.send(SENDER, rcpt, message(i))
-                    for i, rcpt in enumerate(recipients)
-                ]
+                if not chained:
+                    return [
+                        await connection.send(SENDER, rcpt, message(i))
+                        for i, rcpt in enumerate(recipients)
+                    ]
+                return await send_chained(connection, recipients)
             finally:
                 await connection.close()
 
     return asyncio.run(go())
+
+
+async def send_chained(
+    connection: SMTPConnection, recipients: list[str], *, close: bool = True
+) -> list[SendResult]:
+    """Every message through ``send_chained``, then ``close`` (or ``settle``), which
+    settles the last: each outcome must be settled exactly once."""
+    settled: dict[int, SendResult] = {}
+
+    def settle(i: int, result: SendResult) -> None:
+        assert i not in settled, f"message {i} settled twice"
+        settled[i] = result
+
+    for i, rcpt in enumerate(recipients):
+        await connection.send_chained(SENDER, rcpt, message(i), functools.partial(settle, i))
+    await (connection.close() if close else connection.settle())
+    return [settled[i] for i in range(len(recipients))]
 
 
 # --- the scripted server: reply orders and failures --------------------------------------
@@ -230,8 +259,9 @@ def test_pipelined_messages_arrive_in_one_write_per_envelope(joined: bool, split
     ],
 )
 @pytest.mark.parametrize("joined", [True, False])
+@pytest.mark.parametrize("chained", [False, True])
 def test_refusal_at_each_command_then_rset_and_the_session_goes_on(
-    verb: str, reply: str, outcome: Outcome, joined: bool
+    verb: str, reply: str, outcome: Outcome, joined: bool, chained: bool
 ) -> None:
     # What follows a refused command in the same pipeline is refused too, as real
     # servers do (503 bad sequence, 554 no valid recipients).
@@ -241,7 +271,7 @@ def test_refusal_at_each_command_then_rset_and_the_session_goes_on(
     elif verb == "RCPT":
         script |= {"DATA": ["554 5.5.1 no valid recipients"]}
     server = Scripted(script=script, joined=joined)
-    first, second = run(server, ["a@x.example", "b@x.example"])
+    first, second = run(server, ["a@x.example", "b@x.example"], chained=chained)
     code, text = reply.split(" ", 1)
     assert first == SendResult(outcome, int(code), text)
     assert second.outcome is Outcome.SENT
@@ -260,28 +290,43 @@ def test_refused_recipient_but_data_accepted_ends_the_empty_message() -> None:
     assert server.messages[0] == b""  # only the lone dot went out for the first
 
 
-def test_refusal_at_the_end_of_data() -> None:
-    server = Scripted(script={"END": ["552 5.3.4 message too big"]})
-    first, second = run(server, ["a@x.example", "b@x.example"])
+@pytest.mark.parametrize("chained", [False, True])
+def test_refusal_at_the_end_of_data(chained: bool) -> None:
+    server = Scripted(script={"END": ["552 5.3.4 message too big", "451 4.3.0 try later"]})
+    first, second, third = run(
+        server, ["a@x.example", "b@x.example", "c@x.example"], chained=chained
+    )
     assert first == SendResult(Outcome.FAILED, 552, "5.3.4 message too big")
-    assert second.outcome is Outcome.SENT
+    assert second == SendResult(Outcome.DEFERRED, 451, "4.3.0 try later")
+    assert third.outcome is Outcome.SENT
+    assert server.connections == 1
 
 
 @pytest.mark.parametrize("verb", ["MAIL", "RCPT", "DATA", "END"])
 @pytest.mark.parametrize("joined", [True, False])
-def test_421_mid_pipeline_defers_breaks_and_reconnects(verb: str, joined: bool) -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_421_mid_pipeline_defers_breaks_and_reconnects(
+    verb: str, joined: bool, chained: bool
+) -> None:
     # The server says 421 and closes: the replies after it never come.
     server = Scripted(script={verb: ["421 4.3.2 shutting down" + CLOSE]}, joined=joined)
-    first, second = run(server, ["a@x.example", "b@x.example"])
+    first, second = run(server, ["a@x.example", "b@x.example"], chained=chained)
     assert first == SendResult(Outcome.DEFERRED, 421, "4.3.2 shutting down", connection_broken=True)
-    assert second.outcome is Outcome.SENT
-    assert server.connections == 2
+    if chained and verb == "END":
+        # The next envelope went out with the end of DATA: the 421 ends its session too.
+        assert second == first
+    else:
+        assert second.outcome is Outcome.SENT
+        assert server.connections == 2
 
 
 @pytest.mark.parametrize("verb", ["MAIL", "RCPT", "DATA"])
-def test_dropped_connection_after_each_envelope_command_is_deferred(verb: str) -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_dropped_connection_after_each_envelope_command_is_deferred(
+    verb: str, chained: bool
+) -> None:
     server = Scripted(script={verb: [HANG_UP]})
-    first, second = run(server, ["a@x.example", "b@x.example"])
+    first, second = run(server, ["a@x.example", "b@x.example"], chained=chained)
     assert first.outcome is Outcome.DEFERRED and first.code == 0
     assert first.connection_broken and "before the message was sent" in first.reply
     assert second.outcome is Outcome.SENT  # a new connection, by itself
@@ -296,9 +341,10 @@ def test_dropped_connection_after_the_end_of_data_is_unknown() -> None:
     assert second.outcome is Outcome.SENT
 
 
-def test_dropped_connection_at_rset_after_a_refusal() -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_dropped_connection_at_rset_after_a_refusal(chained: bool) -> None:
     server = Scripted(script={"RCPT": ["550 5.1.1 no such user"], "RSET": [HANG_UP]})
-    first, second = run(server, ["a@x.example", "b@x.example"])
+    first, second = run(server, ["a@x.example", "b@x.example"], chained=chained)
     assert first == SendResult(Outcome.FAILED, 550, "5.1.1 no such user", connection_broken=True)
     assert second.outcome is Outcome.SENT
     assert server.connections == 2
@@ -313,9 +359,10 @@ def test_silence_is_a_timeout_and_a_broken_connection(verb: str) -> None:
     assert result.outcome is (Outcome.UNKNOWN if verb == "END" else Outcome.DEFERRED)
 
 
-def test_malformed_reply_breaks_the_connection() -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_malformed_reply_breaks_the_connection(chained: bool) -> None:
     server = Scripted(script={"RCPT": ["2x0 what"]})
-    [result] = run(server, ["a@x.example"])
+    [result] = run(server, ["a@x.example"], chained=chained)
     assert result.outcome is Outcome.DEFERRED and result.connection_broken
 
 
@@ -341,13 +388,14 @@ def test_control_characters_in_an_address_go_nowhere() -> None:
     assert not any("MAIL" in verbs for verbs in server.reads)
 
 
-def test_without_pipelining_commands_go_one_by_one() -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_without_pipelining_commands_go_one_by_one(chained: bool) -> None:
     server = Scripted(pipelining=False, script={"RCPT": ["550 5.1.1 no such user"]})
 
     async def not_pipelined(connection: SMTPConnection) -> None:
         assert not connection.pipelining
 
-    first, second = run(server, ["a@x.example", "b@x.example"], not_pipelined)
+    first, second = run(server, ["a@x.example", "b@x.example"], not_pipelined, chained=chained)
     assert first == SendResult(Outcome.FAILED, 550, "5.1.1 no such user")
     assert second.outcome is Outcome.SENT
     assert all(
@@ -381,14 +429,129 @@ def test_the_end_of_data_is_held_back_until_the_callback() -> None:
     assert len(server.messages) == 1
 
 
+# --- chained: an end of DATA and the next envelope in one write ---------------------------
+
+
+@pytest.mark.parametrize("joined", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+def test_chained_end_of_data_goes_out_with_the_next_envelope(joined: bool, split: bool) -> None:
+    server = Scripted(joined=joined, split=split)
+    results = run(server, [f"r{i}@x.example" for i in range(3)], chained=True)
+    assert results == [SendResult(Outcome.SENT, 250, "2.0.0 queued")] * 3
+    # Each end of DATA but the last came in one read with the next MAIL, RCPT and DATA.
+    assert server.reads.count(["END", "MAIL", "RCPT", "DATA"]) == 2
+    assert server.messages == [dot_stuff(message(i))[:-5] for i in range(3)]
+    assert server.connections == 1
+
+
+def test_chained_hang_up_after_the_end_of_data() -> None:
+    server = Scripted(script={"END": [HANG_UP]})
+    first, second, third = run(server, ["a@x.example", "b@x.example", "c@x.example"], chained=True)
+    # The server may have kept the first; the second's envelope got no reply: not sent.
+    assert first.outcome is Outcome.UNKNOWN and "may have accepted" in first.reply
+    assert second.outcome is Outcome.DEFERRED and second.code == 0 and second.connection_broken
+    assert third.outcome is Outcome.SENT  # a new session, by itself
+    assert server.connections == 2
+
+
+def test_chained_silence_after_the_end_of_data() -> None:
+    server = Scripted(script={"END": [SILENT]})
+    first, second = run(
+        server, ["a@x.example", "b@x.example"], chained=True, timeout=0.5, data_timeout=0.5
+    )
+    assert first.outcome is Outcome.UNKNOWN and "Timed out" in first.reply
+    assert second.outcome is Outcome.DEFERRED and second.connection_broken
+
+
+def test_chained_reply_that_came_before_a_hang_up_counts() -> None:
+    # The second envelope's MAIL is answered by a hang-up; the first message's 250 came
+    # before it, in the same read: the first is sent, the second is not.
+    server = Scripted(script={"MAIL": ["250 2.1.0 OK", HANG_UP]})
+    first, second, third = run(server, ["a@x.example", "b@x.example", "c@x.example"], chained=True)
+    assert first == SendResult(Outcome.SENT, 250, "2.0.0 queued")
+    assert second.outcome is Outcome.DEFERRED and second.connection_broken
+    assert "before the message was sent" in second.reply
+    assert third.outcome is Outcome.SENT
+    assert len(server.messages) == 2
+
+
+def test_chained_end_never_written_is_not_delivered() -> None:
+    # The server hangs up once the text has come: the message's final ".<CRLF>" (owed, to
+    # go out with the next envelope) cannot be written, so it cannot have been accepted.
+    server = Scripted(hang_up_in_data=True)
+
+    async def go() -> list[SendResult]:
+        async with server:
+            connection = await server.transport().connect()
+            results: list[SendResult] = []
+            await connection.send_chained(SENDER, "a@x.example", message(), results.append)
+            await asyncio.sleep(0.2)  # the hang-up arrives
+            await connection.settle()
+            await connection.close()
+            return results
+
+    [result] = asyncio.run(go())
+    assert result.outcome is Outcome.DEFERRED and result.connection_broken
+    assert "before the end of the message was sent" in result.reply
+    assert server.messages == []
+
+
+def test_chained_settle_reads_the_last_reply_and_close_settles_it_too() -> None:
+    server = Scripted(script={"END": ["250 2.0.0 first", "550 5.7.1 second refused"]})
+
+    async def go() -> tuple[list[SendResult], list[SendResult]]:
+        async with server:
+            connection = await server.transport().connect()
+            early: list[SendResult] = []
+            await connection.send_chained(SENDER, "a@x.example", message(1), early.append)
+            assert early == []  # its reply is still owed
+            await connection.settle()
+            late: list[SendResult] = []
+            await connection.send_chained(SENDER, "b@x.example", message(2), late.append)
+            await connection.close()
+            return early, late
+
+    early, late = asyncio.run(go())
+    assert early == [SendResult(Outcome.SENT, 250, "2.0.0 first")]
+    assert late == [SendResult(Outcome.FAILED, 550, "5.7.1 second refused")]
+    assert server.reads[-1] == ["END"]  # close wrote the owed end alone, read its reply
+
+
+def test_chained_the_end_is_held_back_until_the_callback() -> None:
+    server = Scripted()
+    seen: list[int] = []
+
+    def refuse() -> None:
+        raise OSError("journal full")
+
+    async def go() -> list[SendResult]:
+        async with server:
+            connection = await server.transport().connect()
+            results: list[SendResult] = []
+            ok = functools.partial(seen.append, 0)
+            await connection.send_chained(SENDER, "a@x.example", message(1), results.append, ok)
+            await connection.send_chained(SENDER, "b@x.example", message(2), results.append, refuse)
+            await connection.close()
+            return results
+
+    ok, refused = asyncio.run(go())
+    assert ok.outcome is Outcome.SENT and seen == [0]
+    assert refused.outcome is Outcome.DEFERRED and refused.connection_broken
+    assert server.messages == [dot_stuff(message(1))[:-5]]
+
+
 # --- the aiosmtpd server with PIPELINING offered ------------------------------------------
 
 
-def send_all(server: RecordingSMTPServer, recipients: list[str]) -> list[SendResult]:
+def send_all(
+    server: RecordingSMTPServer, recipients: list[str], *, chained: bool = False
+) -> list[SendResult]:
     async def go() -> list[SendResult]:
         connection = await SMTPTransport.from_url(server.url()).connect()
         try:
             assert connection.pipelining is server.pipelining
+            if chained:
+                return await send_chained(connection, recipients, close=False)
             return [await connection.send(SENDER, r, message(i)) for i, r in enumerate(recipients)]
         finally:
             await connection.close()
@@ -427,6 +590,39 @@ def test_aiosmtpd_faults_come_out_the_same_pipelined_or_not(pipelining: bool) ->
         assert received["a@x.example"] == message(0)
         # (DROP_AFTER_DATA hangs up before the server keeps the message.)
         assert sorted(received) == ["a@x.example", "b@x.example", "c@x.example"]
+
+
+def test_aiosmtpd_faults_chained() -> None:
+    faults = Faults(
+        replies={
+            "bad@x.example": (550, "5.1.1 no such user"),
+            "full@x.example": (452, "4.2.2 mailbox full"),
+            "drop@x.example": DROP_AFTER_RCPT,
+            "lost@x.example": DROP_AFTER_DATA,
+        },
+        greylist=False,
+    )
+    recipients = ["a@x.example", "bad@x.example", "full@x.example", "drop@x.example"]
+    recipients += ["b@x.example", "lost@x.example", "c@x.example"]
+    with RecordingSMTPServer(faults=faults, pipelining=True) as server:
+        results = send_all(server, recipients, chained=True)
+        # As unchained, but for the last: its envelope went out with the end of DATA
+        # the server hung up on, so it was not sent (and waits for a retry).
+        assert [r.outcome for r in results] == [
+            Outcome.SENT,
+            Outcome.FAILED,
+            Outcome.DEFERRED,
+            Outcome.DEFERRED,
+            Outcome.SENT,
+            Outcome.UNKNOWN,
+            Outcome.DEFERRED,
+        ]
+        assert results[1] == SendResult(Outcome.FAILED, 550, "5.1.1 no such user")
+        assert all(results[i].connection_broken for i in (3, 5, 6))
+        assert server.connections == 2
+        received = {m.recipients[0]: m.data for m in server.messages}
+        assert sorted(received) == ["a@x.example", "b@x.example"]
+        assert received["b@x.example"] == message(4)
 
 
 @pytest.mark.parametrize("pipelining", [True, False])

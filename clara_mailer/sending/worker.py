@@ -352,10 +352,39 @@ class _Worker:
     # connections ---------------------------------------------------------------------
 
     async def connection_loop(self, first: Connection | None) -> None:
+        """One connection: takes jobs from the queue and sends them. Over SMTP with
+        PIPELINING a job's end of DATA is answered while the next job's envelope is on
+        its way (``Connection.send_chained``); when the queue is empty, the reply still
+        owed is read at once, so no outcome waits for more work."""
         conn = first
         backoff = 0.0
+        broken = False  # an outcome said the session is unusable
+
+        def settled(job: _Job, result: SendResult) -> None:
+            nonlocal broken
+            self._result(job, result)
+            broken = broken or result.connection_broken
+
+        async def back_off_if_broken() -> None:
+            # 421 and dropped connections back off the whole connection.
+            nonlocal conn, broken, backoff
+            if not broken:
+                return
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            conn, broken = None, False
+            backoff = min(max(1.0, backoff * 2), 60.0)
+            await self._sleep(backoff)
+
         while True:
-            job = await self.queue.get()
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if conn is not None:
+                    await conn.settle()
+                    await back_off_if_broken()
+                job = await self.queue.get()
             if job is None:
                 break
             if self.stopping.is_set():
@@ -377,20 +406,16 @@ class _Worker:
             hook = None
             if self.journal is not None and self.journal.active:
                 hook = functools.partial(self.journal.end_of_data, job.row.id)
-            result = await conn.send(job.envelope_from, job.recipient, job.data, hook)
-            self._result(job, result)
-            if result.connection_broken:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                conn = None
-                # 421 and dropped connections back off the whole connection.
-                backoff = min(max(1.0, backoff * 2), 60.0)
-                await self._sleep(backoff)
+            await conn.send_chained(
+                job.envelope_from, job.recipient, job.data, functools.partial(settled, job), hook
+            )
+            if broken:
+                await back_off_if_broken()
             else:
                 backoff = 0.0
         if conn is not None:
             with contextlib.suppress(Exception):
-                await conn.close()
+                await conn.close()  # settles the last outcome first
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

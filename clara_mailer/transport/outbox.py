@@ -14,7 +14,13 @@ from pathlib import Path
 
 from clara_mailer.core.errors import TransportError
 from clara_mailer.core.vocabulary import Outcome
-from clara_mailer.transport.base import BeforeEndOfData, SendResult, classify, prepare_envelope
+from clara_mailer.transport.base import (
+    BeforeEndOfData,
+    SendResult,
+    SettledAtOnce,
+    classify,
+    prepare_envelope,
+)
 
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._+-]+")
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
@@ -39,7 +45,7 @@ def outbox_filename(recipient: str, message_id: str | None = None) -> str:
     return f"{safe}-{digest}-{mid}.eml"
 
 
-class OutboxConnection:
+class OutboxConnection(SettledAtOnce):
     smtputf8 = True
     eightbitmime = True
 
@@ -116,7 +122,7 @@ class MemoryTransport:
         return MemoryConnection(self)
 
 
-class MemoryConnection:
+class MemoryConnection(SettledAtOnce):
     def __init__(self, transport: MemoryTransport) -> None:
         self._transport = transport
         self.smtputf8 = transport.smtputf8

@@ -4,7 +4,9 @@ It keeps aiosmtplib for connect, EHLO, TLS and AUTH. When the server offers PIPE
 (RFC 2920), the session is then handed to ``_ReplyReader``, a small protocol of our own
 on the same transport (TLS included): MAIL, RCPT and DATA go out in one write and their
 three replies are read in order, so a message takes two round trips instead of four.
-aiosmtplib's protocol cannot do that: it keeps one reply per read and drops what arrives
+``send_chained`` takes one away again: the next message's MAIL, RCPT and DATA follow the
+end of DATA before its reply is read, so the reply to one message's end of DATA and the
+three to the next one's envelope come back together. aiosmtplib's protocol cannot do that: it keeps one reply per read and drops what arrives
 while no command waits. Without PIPELINING, aiosmtplib sends MAIL and RCPT one by one.
 
 DATA is ours either way: aiosmtplib normalises line endings and dot-stuffs with regular
@@ -38,6 +40,7 @@ from clara_mailer.core.vocabulary import Outcome
 from clara_mailer.transport.base import (
     BeforeEndOfData,
     SendResult,
+    Settle,
     classify,
     dot_stuff,
     prepare_envelope,
@@ -129,6 +132,10 @@ class _ReplyReader(asyncio.Protocol):
             finally:
                 self._waiter = None
         return self._replies.popleft()
+
+    def reply_nowait(self) -> tuple[int, str] | None:
+        """The next reply if it has arrived already (the connection may be gone since)."""
+        return self._replies.popleft() if self._replies else None
 
     def close(self) -> None:
         if self.transport is not None:
@@ -325,6 +332,11 @@ class SMTPConnection:
         self._client: aiosmtplib.SMTP | None = client
         self._reader: _ReplyReader | None = None
         self._sent_on_connection = 0
+        #: Who takes the outcome of the last message while its reply is unread
+        #: (``send_chained``); its final ".<CRLF>" may still be owed: it goes out in one
+        #: write with the next envelope, so the server reads (and answers) them together.
+        self._unsettled: Settle | None = None
+        self._end_owed = False
         self._learn(client)
 
     def _learn(self, client: aiosmtplib.SMTP) -> None:
@@ -346,7 +358,23 @@ class SMTPConnection:
         return self._reader is not None
 
     def _drop(self, client: aiosmtplib.SMTP) -> None:
-        """Close the session at once (no QUIT)."""
+        """Close the session at once (no QUIT). A message whose end of DATA went out
+        unanswered is settled with its reply if that has arrived, else as `unknown`."""
+        settle, self._unsettled = self._unsettled, None
+        if settle is not None:
+            reply = self._reader.reply_nowait() if self._reader is not None else None
+            if self._end_owed:  # its end never went out: not delivered
+                settle(
+                    SendResult(
+                        Outcome.DEFERRED,
+                        0,
+                        "connection lost before the end of the message was sent",
+                        connection_broken=True,
+                    )
+                )
+            else:
+                settle(_no_final_reply("connection lost") if reply is None else classify(*reply))
+        self._end_owed = False
         if self._reader is not None:
             self._reader.close()
         client.close()
@@ -414,7 +442,21 @@ class SMTPConnection:
         A 421 ends the session at once: the replies after it never come."""
         assert self._reader is not None
         reader, timeout = self._reader, self._transport.timeout
-        reader.write(_command_line(*mail) + _command_line(*rcpt) + b"DATA\r\n")
+        commands = _command_line(*mail) + _command_line(*rcpt) + b"DATA\r\n"
+        reader.write(b".\r\n" + commands if self._end_owed else commands)
+        self._end_owed = False
+        if self._unsettled is not None:
+            # The message before ended its DATA ahead of these three: its reply comes first.
+            previous = await self._settle_unsettled(client)
+            if previous.connection_broken:  # the session is gone (421, or lost)
+                if previous.code == 421:
+                    return previous  # the server's word on the session holds for this one
+                return SendResult(
+                    Outcome.DEFERRED,
+                    0,
+                    "connection lost before the message was sent (with the one before)",
+                    connection_broken=True,
+                )
         refusal: SendResult | None = None
         for expected in ((250,), (250, 251), (354,)):
             code, text = await reader.reply(timeout)
@@ -439,10 +481,78 @@ class SMTPConnection:
         message: bytes,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> SendResult:
+        await self.settle()
+        result = await self._up_to_end_of_data(
+            envelope_from, recipient, message, before_end_of_data, chained=False
+        )
+        if result is not None:
+            return result
+        assert self._client is not None  # nothing drops the session after the end of DATA
+        return await self._final_reply(self._client)
+
+    async def send_chained(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        settle: Settle,
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> None:
+        """``send``, handing the outcome to ``settle``. With PIPELINING the reply to the
+        end of DATA is left unread: the next message's MAIL, RCPT and DATA go out first,
+        in the same round trip (or ``settle``/``close`` reads it). At most one message per
+        session is ever unanswered, so a crash leaves at most one `unknown` per
+        connection, as before."""
+        result = await self._up_to_end_of_data(
+            envelope_from, recipient, message, before_end_of_data, chained=True
+        )
+        if result is not None:
+            settle(result)
+        elif self._reader is None:  # no PIPELINING: nothing can go out before the reply
+            assert self._client is not None
+            settle(await self._final_reply(self._client))
+        else:
+            self._unsettled = settle
+
+    async def settle(self) -> None:
+        """End the last message (its final ".<CRLF>" if still owed), read its reply and
+        settle it."""
+        client = self._client
+        if self._unsettled is None or client is None:
+            return
+        if self._end_owed:
+            try:
+                self._write(client, b".\r\n")
+            except (SMTPServerDisconnected, OSError):
+                self._drop(client)  # never written: settled as not delivered
+                return
+            self._end_owed = False
+        await self._settle_unsettled(client)
+
+    async def _settle_unsettled(self, client: aiosmtplib.SMTP) -> SendResult:
+        settle, self._unsettled = self._unsettled, None
+        assert settle is not None
+        result = await self._final_reply(client)
+        settle(result)
+        return result
+
+    async def _up_to_end_of_data(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        before_end_of_data: BeforeEndOfData | None,
+        *,
+        chained: bool,
+    ) -> SendResult | None:
+        """Everything up to the end of DATA: ``None`` once the message is ended (its
+        reply unread), else its outcome. ``chained`` on a pipelining session: the final
+        ".<CRLF>" is left owed (``_end_owed``), for the next envelope's write."""
         client_or_result = await self._fresh_client()
         if isinstance(client_or_result, SendResult):
             return client_or_result
         client = client_or_result
+        hold_end = chained and self._reader is not None
         envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
         if isinstance(envelope, SendResult):
             return envelope
@@ -472,13 +582,14 @@ class SMTPConnection:
                 code, text = await self._command(client, b"DATA")
                 if code != 354:
                     return await self._reset(client, classify(code, text))
-            if before_end_of_data is None:
+            if before_end_of_data is None and not hold_end:
                 self._write(client, payload)
             else:
                 # Everything but the final ".<CRLF>" (the body ends with its own CRLF):
                 # the server cannot take the message before that arrives.
                 self._write(client, payload[:-3])
-                await self._flushed(client)
+                if before_end_of_data is not None:
+                    await self._flushed(client)
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException, OSError) as exc:
             return self._broken("connection lost before the message was sent", exc)
         except ValueError as exc:  # aiosmtplib refuses control characters in a command
@@ -488,6 +599,10 @@ class SMTPConnection:
                 before_end_of_data()
             except Exception as exc:  # the caller refuses: the message must not go out
                 return self._broken("not sent (the end of the message was held back)", exc)
+        if hold_end:
+            self._end_owed = True  # written by the next envelope, ``settle`` or ``close``
+            return None
+        if before_end_of_data is not None:
             try:
                 self._write(client, b".\r\n")
             except (SMTPServerDisconnected, OSError) as exc:
@@ -496,7 +611,7 @@ class SMTPConnection:
 
         # The final <CRLF>.<CRLF> is written: the server may accept the message
         # even if we never see its reply, so such a message must not go out again.
-        return await self._final_reply(client)
+        return None
 
     async def _flushed(self, client: aiosmtplib.SMTP) -> None:
         """Wait until the kernel has taken what was written (only when it has not at once,
@@ -528,19 +643,14 @@ class SMTPConnection:
                 code, text = response.code, response.message
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException, OSError) as exc:
             self._drop(client)
-            return SendResult(
-                Outcome.UNKNOWN,
-                0,
-                f"no reply after the message was sent ({exc or type(exc).__name__}); "
-                "the server may have accepted it",
-                connection_broken=True,
-            )
+            return _no_final_reply(str(exc) or type(exc).__name__)
         result = classify(code, text)
         if result.connection_broken:
             self._drop(client)
         return result
 
     async def close(self) -> None:
+        await self.settle()
         client, self._client = self._client, None
         reader, self._reader = self._reader, None
         if client is None:
@@ -566,6 +676,15 @@ class SMTPConnection:
         finally:
             client.close()
             await _wait_closed(protocol)
+
+
+def _no_final_reply(why: str) -> SendResult:
+    return SendResult(
+        Outcome.UNKNOWN,
+        0,
+        f"no reply after the message was sent ({why}); the server may have accepted it",
+        connection_broken=True,
+    )
 
 
 def _command_line(*args: bytes) -> bytes:
