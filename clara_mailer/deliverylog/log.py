@@ -50,6 +50,7 @@ from clara_mailer.deliverylog.figures import add_to_segment, segment_status_coun
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.store import tables
 from clara_mailer.store.database import Database
+from clara_mailer.store.driver import DriverStatement
 from clara_mailer.store.models import (
     Campaign,
     Delivery,
@@ -213,6 +214,14 @@ class DeliveryLog:
         self.campaign_id = campaign_id
         self.worker_id = worker_id or new_worker_id()
         self._pg = db.dialect == "postgresql"
+        self._statements: dict[str, DriverStatement] = {}
+
+    def _statement(self, name: str, statement: Any) -> DriverStatement:
+        """One of the sender's per-row statements, compiled once (``store.driver``)."""
+        found = self._statements.get(name)
+        if found is None:
+            found = self._statements[name] = DriverStatement(statement, self.db.engine.dialect)
+        return found
 
     # -- plan ---------------------------------------------------------------------------
 
@@ -624,7 +633,7 @@ class DeliveryLog:
                 {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
             ]
             if params:
-                conn.execute(_MARK_SENDING, params)
+                self._statement("mark_sending", _MARK_SENDING).execute(conn, params)
         return suppressed
 
     def record(self, outcomes: Sequence[Record]) -> None:
@@ -645,7 +654,7 @@ class DeliveryLog:
             for o in outcomes
         ]
         with self.db.engine.begin() as conn:
-            conn.execute(_RECORD, params)
+            self._statement("record", _RECORD).execute(conn, params)
 
     # -- the campaign's progress ----------------------------------------------------------
 
