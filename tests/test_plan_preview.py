@@ -6,17 +6,21 @@ PostgreSQL, in several chunks."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
+from clara_mailer.core.vocabulary import Status
 from clara_mailer.deliverylog import log
+from clara_mailer.deliverylog.log import open_campaign
 from clara_mailer.mailer import Mailer
 from clara_mailer.optouts.suppressions import any_active_suppression, lift, suppress
 from clara_mailer.plan.plan import Plan, SendOptions, commit_plan, preview_plan
+from clara_mailer.store import tables
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Campaign, Delivery, Recipient
 from tests.send_helpers import add_recipients, add_to_segment
@@ -164,3 +168,45 @@ def test_a_plan_resumed_after_newcomers_adds_only_them(
     assert (plan.added, plan.skipped) == (5, 1)
     assert plan.counts == {"local-police": {"queued": 10, "skipped": 1}}
     assert len(_rows(db)) == 11
+
+
+def test_planned_rows_are_stored_as_sqlalchemy_stores_them(db: Database) -> None:
+    """The plan's compiled insert converts its values itself: each column must reach the
+    database exactly as through SQLAlchemy's own insert (SQLite's DATETIME as text with
+    its microseconds even when they are 0, the enums as their words)."""
+    add_recipients(db, 4, language="en")
+    campaign_id = open_campaign(db, CAMPAIGN, "newsletter", "0" * 64)
+    now = dt.datetime(2022, 1, 20, 9, 0, 0)  # microsecond 0: ISO text would drop it
+    columns = ", ".join(c for c in log._PLANNED_COLUMNS if c not in ("recipient_id", "email"))
+    with db.session() as s:
+        conn = s.connection()
+        members = conn.execute(
+            select(Recipient.id, Recipient.email, Recipient.language).order_by(Recipient.id)
+        ).all()
+        log._PlannedInsert(conn).write(
+            conn, campaign_id, "local-police", members[:2], {members[1].id: "manual"}, now
+        )
+        for member, reason in ((members[2], None), (members[3], "manual")):
+            conn.execute(
+                insert(tables.deliveries).values(
+                    campaign_id=campaign_id,
+                    recipient_id=member.id,
+                    email=member.email,
+                    segment="local-police",
+                    language=member.language,
+                    status=Status.SKIPPED if reason else Status.QUEUED,
+                    smtp_reply=f"suppressed: {reason}" if reason else None,
+                    attempts=0,
+                    created_at=now,
+                )
+            )
+        # Raw values: what the database holds, not what SQLAlchemy reads back.
+        stored = conn.exec_driver_sql(
+            f"SELECT recipient_id, email, {columns} FROM deliveries ORDER BY recipient_id"
+        ).all()
+    ours, sqlalchemys = stored[:2], stored[2:]
+    assert [row[2:] for row in ours] == [row[2:] for row in sqlalchemys]
+    assert [tuple(row[:2]) for row in stored] == [(m.id, m.email) for m in members]
+    if db.dialect == "sqlite":
+        assert {row[-1] for row in stored} == {"2022-01-20 09:00:00.000000"}
+    assert {row[5] for row in ours} == {"queued", "skipped"}

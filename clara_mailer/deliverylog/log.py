@@ -254,7 +254,7 @@ class DeliveryLog:
                     reasons = _suppressed(conn, members, signer, kind)
                     if insert is None:
                         insert = _PlannedInsert(conn)
-                    insert.write(conn, self.campaign_id, slug, members, reasons)
+                    insert.write(conn, self.campaign_id, slug, members, reasons, utcnow())
                     counts.skipped += len(reasons)
                     counts.added += len(members) - len(reasons)
                     # Every row is new: the members were read with the planners' lock
@@ -723,8 +723,10 @@ class _PlannedInsert:
         if self.order is not None and sorted(self.order) != sorted(_PLANNED_COLUMNS):
             raise RuntimeError(f"unexpected parameters of the plan's insert: {self.order}")
         columns = tables.deliveries.c
+        # The dialect's own type (SQLite's DATETIME, which writes text), as SQLAlchemy's
+        # execute would convert: the generic DateTime would leave it to the driver.
         self.convert = {
-            name: columns[name].type.bind_processor(dialect) or _unchanged
+            name: columns[name].type.dialect_impl(dialect).bind_processor(dialect) or _unchanged
             for name in _PLANNED_COLUMNS
         }
 
@@ -735,15 +737,17 @@ class _PlannedInsert:
         segment: str,
         members: Sequence[Any],
         reasons: dict[int, str],
+        now: dt.datetime,
     ) -> None:
-        """Insert a row for each of ``members`` (rows of id, email, language): ``skipped``
-        with "suppressed: <reason>" for those in ``reasons``, else ``queued``."""
+        """Insert a row for each of ``members`` (rows of id, email, language), created
+        ``now``: ``skipped`` with "suppressed: <reason>" for those in ``reasons``, else
+        ``queued``."""
         convert = self.convert
         fixed = {
             "campaign_id": convert["campaign_id"](campaign_id),
             "segment": convert["segment"](segment),
             "attempts": convert["attempts"](0),
-            "created_at": convert["created_at"](utcnow()),
+            "created_at": convert["created_at"](now),
         }
         queued = convert["status"](Status.QUEUED)
         skipped = convert["status"](Status.SKIPPED)
