@@ -1,4 +1,4 @@
-from clara_mailer.cli import main
+from clara_mailer.cli import run
 
 if __name__ == "__main__":  # guarded: `send --processes` starts spawned processes that import this
-    main()
+    run()

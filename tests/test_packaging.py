@@ -64,7 +64,7 @@ def test_the_wheel_carries_the_shipped_files_and_no_bytecode(wheel: Path) -> Non
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "clara-mail = clara_mailer.cli:main" in whl.read(entry_points).decode()
+        assert "clara-mail = clara_mailer.cli:run" in whl.read(entry_points).decode()
     assert {n for n in names if n.startswith("clara_mailer/_shipped/")} == _shipped_files()
     assert "clara_mailer/_shipped/migrations/env.py" in names
     assert any(n.startswith("clara_mailer/_shipped/migrations/versions/0001") for n in names)

@@ -148,3 +148,36 @@ def test_processes_share_the_campaign_and_send_each_message_once(
     with db.session() as s:
         statuses = s.scalars(select(Delivery.status).distinct()).all()
     assert statuses == ["sent"]
+
+
+def test_the_program_ends_with_its_output_files_and_database_complete(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """``clara-mail`` (``cli.run``) leaves the exit's last garbage collection out: what
+    the command wrote must be complete all the same, its output flushed, every message
+    file whole and the database closed (on SQLite, no write-ahead log left behind)."""
+    addresses = add_recipients(db, 12)
+    db.dispose()  # this process's connections closed: the WAL is the command's alone
+    env = {**os.environ, **settings_env(settings)}
+    env.pop("CLARA_SMTP_URL", None)  # to the outbox
+    done = subprocess.run(
+        [sys.executable, "-m", "clara_mailer", "send", "newsletter-2022-01", "--yes"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    if settings.database_url.startswith("sqlite:///"):
+        wal = Path(settings.database_url.removeprefix("sqlite:///") + "-wal")
+        assert not wal.exists()
+    out = done.stdout.decode()
+    assert "will add 12 new, 0 skipped" in out
+    assert out.rstrip().endswith("Campaign newsletter-2022-01: 12 sent")
+    files = sorted((settings.outbox_dir / "newsletter-2022-01").glob("*.eml"))
+    assert len(files) == 12
+    for file in files:
+        assert file.read_bytes().rstrip().endswith(b"--")  # the last MIME boundary
+    with db.session() as s:
+        rows = dict(s.execute(select(Delivery.email, Delivery.status)).all())
+    assert rows == dict.fromkeys(addresses, "sent")

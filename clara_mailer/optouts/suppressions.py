@@ -37,6 +37,21 @@ def active_suppressions(
     return found
 
 
+def any_active_suppression(session: Session | Connection, kind: str) -> bool:
+    """Whether any suppression stops a campaign of ``kind`` now (one that stops every
+    kind included). False lets a planner skip hashing its members' addresses: with
+    nothing to match, ``active_suppressions`` would find nothing for any of them."""
+    query = (
+        select(Suppression.id)
+        .where(
+            Suppression.lifted_at.is_(None),
+            or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind),
+        )
+        .limit(1)
+    )
+    return session.execute(query).first() is not None
+
+
 def suppress(
     session: Session,
     signer: TokenSigner,
