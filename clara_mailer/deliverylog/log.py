@@ -23,7 +23,6 @@ bounces (``mark_bounced``) and erasure (``forget_addresses``) through the functi
 from __future__ import annotations
 
 import datetime as dt
-import operator
 import os
 import socket
 import uuid
@@ -709,35 +708,16 @@ _PLANNED_COLUMNS = (
 
 class _PlannedInsert:
     """The plan's INSERT ... ON CONFLICT DO NOTHING of a chunk of delivery rows, compiled
-    once and run as the driver's executemany.
-
-    Through ``Connection.execute`` SQLAlchemy builds and converts the parameters of every
-    row, column by column: for 20,000 rows that cost more than SQLite's own insert.
-    Here the values that are the same for the whole chunk (campaign, segment, statuses,
-    the time) are converted once, and each row only adds its own three (id, address,
-    language), through the same type conversions SQLAlchemy would apply."""
+    once and run as the driver's executemany (``store.driver``): through
+    ``Connection.execute`` SQLAlchemy's conversion of every row cost more than SQLite's
+    own insert. What the whole chunk shares (campaign, segment, the time) is converted
+    once; each row adds its own id, address, language and status."""
 
     def __init__(self, conn: Connection) -> None:
-        dialect = conn.dialect
-        statement = _dialect_insert(dialect.name == "postgresql")(
+        statement = _dialect_insert(conn.dialect.name == "postgresql")(
             tables.deliveries
         ).on_conflict_do_nothing(index_elements=["campaign_id", "recipient_id"])
-        compiled = statement.compile(dialect=dialect, column_keys=list(_PLANNED_COLUMNS))
-        self.sql = compiled.string
-        #: The parameter names in placeholder order (qmark, SQLite); None when the
-        #: driver takes them by name (pyformat, psycopg).
-        self.order: tuple[str, ...] | None = (
-            tuple(compiled.positiontup) if compiled.positiontup is not None else None
-        )
-        if self.order is not None and sorted(self.order) != sorted(_PLANNED_COLUMNS):
-            raise RuntimeError(f"unexpected parameters of the plan's insert: {self.order}")
-        columns = tables.deliveries.c
-        # The dialect's own type (SQLite's DATETIME, which writes text), as SQLAlchemy's
-        # execute would convert: the generic DateTime would leave it to the driver.
-        self.convert = {
-            name: columns[name].type.dialect_impl(dialect).bind_processor(dialect) or _unchanged
-            for name in _PLANNED_COLUMNS
-        }
+        self.statement = DriverStatement(statement, conn.dialect, _PLANNED_COLUMNS)
 
     def write(
         self,
@@ -751,45 +731,20 @@ class _PlannedInsert:
         """Insert a row for each of ``members`` (rows of id, email, language), created
         ``now``: ``skipped`` with "suppressed: <reason>" for those in ``reasons``, else
         ``queued``."""
-        convert = self.convert
-        fixed = {
-            "campaign_id": convert["campaign_id"](campaign_id),
-            "segment": convert["segment"](segment),
-            "attempts": convert["attempts"](0),
-            "created_at": convert["created_at"](now),
-        }
-        queued = convert["status"](Status.QUEUED)
-        skipped = convert["status"](Status.SKIPPED)
-        no_reply = convert["smtp_reply"](None)
-        recipient_id, email, language = (
-            convert["recipient_id"],
-            convert["email"],
-            convert["language"],
-        )
-        rows: list[dict[str, Any]] = []
+        rows = []
         for m in members:
             reason = reasons.get(m.id)
             rows.append(
                 {
-                    **fixed,
-                    "recipient_id": recipient_id(m.id),
-                    "email": email(m.email),
-                    "language": language(m.language),
-                    "status": skipped if reason else queued,
-                    "smtp_reply": convert["smtp_reply"](f"suppressed: {reason}")
-                    if reason
-                    else no_reply,
+                    "recipient_id": m.id,
+                    "email": m.email,
+                    "language": m.language,
+                    "status": Status.SKIPPED if reason else Status.QUEUED,
+                    "smtp_reply": f"suppressed: {reason}" if reason else None,
                 }
             )
-        if self.order is None:
-            conn.exec_driver_sql(self.sql, rows)
-        else:
-            ordered = operator.itemgetter(*self.order)
-            conn.exec_driver_sql(self.sql, [ordered(row) for row in rows])
-
-
-def _unchanged(value: Any) -> Any:
-    return value
+        shared = {"campaign_id": campaign_id, "segment": segment, "attempts": 0, "created_at": now}
+        self.statement.execute(conn, rows, shared)
 
 
 def segment_ids(s: Session, slugs: Sequence[str]) -> list[tuple[int, str]]:

@@ -23,11 +23,18 @@ from sqlalchemy.sql.expression import UpdateBase
 class DriverStatement:
     """``statement`` compiled for ``dialect``, run for many parameter sets at once.
 
-    Every bind parameter without a value (``bindparam("name")``) must be given in each
-    set; those with a value (the statement's own constants) are filled in."""
+    Every bind parameter without a value (``bindparam("name")``, or an INSERT's
+    ``column_keys``) must be given, in each set or in the ``shared`` values of a call;
+    those with a value (the statement's own constants) are filled in."""
 
-    def __init__(self, statement: UpdateBase, dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
+    def __init__(
+        self,
+        statement: UpdateBase,
+        dialect: Dialect,
+        column_keys: Sequence[str] | None = None,
+    ) -> None:
+        keys = list(column_keys) if column_keys is not None else None
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
         self.sql = compiled.string
         binds = compiled.binds
         self.required = frozenset(name for name, bind in binds.items() if bind.required)
@@ -49,17 +56,27 @@ class DriverStatement:
             getter = operator.itemgetter(*positions)
             self._ordered = (lambda row: (getter(row),)) if len(positions) == 1 else getter
 
-    def execute(self, conn: Connection, parameter_sets: Sequence[Mapping[str, Any]]) -> None:
-        """Run the statement once per parameter set (the driver's executemany)."""
+    def execute(
+        self,
+        conn: Connection,
+        parameter_sets: Sequence[Mapping[str, Any]],
+        shared: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Run the statement once per parameter set (the driver's executemany);
+        ``shared``: values every set has, converted once."""
         if not parameter_sets:
             return
-        missing = self.required - parameter_sets[0].keys()
+        shared = shared or {}
+        missing = self.required - parameter_sets[0].keys() - shared.keys()
         if missing:
             raise ValueError(f"missing bind parameter(s): {', '.join(sorted(missing))}")
         convert = self._convert
+        base = dict(self._constants)
+        for name, value in shared.items():
+            base[name] = convert.get(name, _unchanged)(value)
         rows = []
         for given in parameter_sets:
-            row = dict(self._constants)
+            row = dict(base)
             for name, value in given.items():
                 processor = convert.get(name)
                 row[name] = value if processor is None else processor(value)
