@@ -6,6 +6,7 @@ serialises the short claim transactions (BEGIN IMMEDIATE) on one machine.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -181,3 +182,46 @@ def test_copy_sqlite_registry_and_log_to_postgresql(tmp_path: Path) -> None:
     finally:
         source.dispose()
         drop()
+
+
+@pytest.mark.parametrize("adopted", [True, False])
+def test_a_helper_process_sends_the_variants_its_parent_checked(
+    settings: Settings, tmp_path: Path, adopted: bool
+) -> None:
+    """``send --processes``: a helper is handed the variants its parent checked, so it
+    sends exactly those, even if a template changes after the check (and it does not
+    inline the CSS again). Without them (the control) it would render the new text."""
+    import dataclasses
+    import email
+    import email.policy
+    import queue as queues
+
+    from clara_mailer.sending.worker import _helper_main
+
+    templates = tmp_path / "templates"
+    shutil.copytree(EMAIL_TEMPLATES, templates)
+    settings = dataclasses.replace(settings, templates_dir=templates)
+    mailer = Mailer(settings)
+    add_recipients(mailer.db, 6, language="es")
+    options = SendOptions(segments=("local-police",))
+    plan = mailer.plan(CAMPAIGN, options)
+    assert plan.renderer is not None
+    variants = plan.renderer.prepared() if adopted else {}
+    template = templates / CAMPAIGN / "es.html.j2"
+    template.write_text(template.read_text().replace("Boletín de resultados", "ZQXCHANGED"))
+    updates: queues.Queue[tuple[int, dict[str, int], bool, str | None]] = queues.Queue()
+    _helper_main(
+        0, settings, mailer.signer, CAMPAIGN, plan.campaign_id, plan.segments, options,
+        variants, updates,
+    )  # fmt: skip
+    mailer.close()
+    *_, (_, counts, interrupted, error) = [updates.get_nowait() for _ in range(updates.qsize())]
+    assert (counts, interrupted, error) == ({"sent": 6}, False, None)
+    texts = []
+    for path in sorted((settings.outbox_dir / CAMPAIGN).glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        parts = [p for p in message.walk() if p.get_content_maintype() == "text"]
+        texts.append("".join(part.get_content() for part in parts))
+    assert len(texts) == 6
+    changed = ["ZQXCHANGED" in text for text in texts]
+    assert changed == [not adopted] * 6

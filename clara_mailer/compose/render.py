@@ -273,6 +273,10 @@ class _Variant:
     text: str
 
 
+#: A renderer's prepared variants, as one hands them to another (picklable).
+PreparedVariants = dict[_VariantKey, _Variant]
+
+
 class Renderer:
     """Renders one campaign for many recipients; variants are prepared on first use."""
 
@@ -439,6 +443,17 @@ class Renderer:
             for flag in (False, True)
         }
         return _Variant(language, _merge(pieces), heads, document, text)
+
+    def prepared(self) -> PreparedVariants:
+        """The variants prepared so far, for another renderer of the same campaign and
+        settings (``adopt``)."""
+        return dict(self._variants)
+
+    def adopt(self, variants: PreparedVariants) -> None:
+        """Take over variants another renderer of this campaign prepared (``prepared``):
+        a helper process of ``send --processes`` sends what its parent checked, and does
+        not inline the CSS again (nor import premailer)."""
+        self._variants.update(variants)
 
     def variant(
         self, language: str, segment: str, has_name: bool, has_org: bool, has_source: bool = False

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from clara_mailer.compose.campaigns import load_campaign
-from clara_mailer.compose.render import RecipientView, Renderer
+from clara_mailer.compose.render import PreparedVariants, RecipientView, Renderer
 from clara_mailer.core.errors import MailerError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner, verp_address
@@ -597,9 +597,11 @@ def run_send(
     started = time.monotonic()
     log = DeliveryLog(db, plan.campaign_id)
     log.mark_started()
+    # The helpers send the variants this process checked (and skip inlining their CSS).
+    variants = plan.renderer.prepared() if plan.renderer is not None and processes > 1 else {}
     helpers = HelperProcesses(
         _helper_main,
-        (settings, signer, plan.campaign.slug, plan.campaign_id, plan.segments, options),
+        (settings, signer, plan.campaign.slug, plan.campaign_id, plan.segments, options, variants),
         processes - 1,
     )
 
@@ -663,13 +665,18 @@ def _helper_main(
     campaign_id: int,
     segments: tuple[str, ...],
     options: SendOptions,
+    variants: PreparedVariants,
     updates: Any,
 ) -> None:
-    """A helper process: one more worker on the same campaign."""
+    """A helper process: one more worker on the same campaign, sending the variants its
+    parent prepared (``variants``)."""
     # A terminal's Ctrl-C reaches the whole process group: each process stops cleanly.
     db = open_database(settings)
     try:
-        plan = Plan(load_campaign(settings, slug), campaign_id, segments, 0, 0, 0, {})
+        defn = load_campaign(settings, slug)
+        renderer = Renderer(defn, settings, signer, campaign_id)
+        renderer.adopt(variants)
+        plan = Plan(defn, campaign_id, segments, 0, 0, 0, {}, renderer=renderer)
         last = [0.0]
 
         def report(snapshot: Progress) -> None:
