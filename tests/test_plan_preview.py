@@ -210,3 +210,38 @@ def test_planned_rows_are_stored_as_sqlalchemy_stores_them(db: Database) -> None
     if db.dialect == "sqlite":
         assert {row[-1] for row in stored} == {"2022-01-20 09:00:00.000000"}
     assert {row[5] for row in ours} == {"queued", "skipped"}
+
+
+@pytest.mark.parametrize("where", [(), ("language=en",)])
+def test_without_suppressions_the_preview_counts_what_the_commit_writes(
+    db: Database, settings: Settings, small_chunks: None, where: tuple[str, ...]
+) -> None:
+    """No suppression of the kind: the preview counts each segment in one query. Members
+    in both segments count once, under the first; members planned already and members
+    the filters leave out do not count."""
+    police = add_recipients(db, 9, "local-police")
+    associations = add_recipients(db, 6, "associations", prefix="asoc", domain="asoc.example")
+    for address in (*associations[:2], *police[:1]):
+        add_to_segment(db, address, "associations" if address in police else "local-police")
+    options = SendOptions(segments=SEGMENTS, where=where)
+    mailer = Mailer(settings, database=db)
+    first = preview_plan(db, settings, mailer.signer, CAMPAIGN, options)
+    if where:  # the members whose language is English, each once, in its first segment
+        with db.session() as s:
+            english = set(s.scalars(select(Recipient.email).where(Recipient.language == "en")))
+        in_police = {*police, *associations[:2]} & english
+        expected = {
+            "local-police": (len(in_police), 0),
+            "associations": (len(set(associations[2:]) & english), 0),
+        }
+        assert 0 < len(english) < 15
+    else:
+        expected = {"local-police": (11, 0), "associations": (4, 0)}
+    assert first.new_rows == expected
+    plan = commit_plan(db, settings, mailer.signer, first, options)
+    per_segment = Counter(r.segment for r in _rows(db).values())
+    assert {slug: (per_segment[slug], 0) for slug in SEGMENTS} == expected
+    assert (plan.added, plan.skipped) == (first.added, first.skipped)
+    # Everyone planned: a second preview has nothing to add.
+    again = preview_plan(db, settings, mailer.signer, CAMPAIGN, options)
+    assert again.new_rows == {"local-police": (0, 0), "associations": (0, 0)}
