@@ -1,7 +1,8 @@
 """A private, loopback-only Postfix instance that makes genuine bounces for the tests.
 
-It has no SMTP listener at all: mail goes in through Postfix's own ``sendmail`` and out
-through its SMTP client to one relay on 127.0.0.1 (an aiosmtpd server in the test). When
+Mail goes in through Postfix's own ``sendmail`` (or, with ``smtpd_port``, through its
+SMTP server on that loopback port) and out through its SMTP client to one relay on
+127.0.0.1 (an aiosmtpd server in the test). When
 that relay refuses a recipient, Postfix's bounce daemon writes a real DSN to the envelope
 sender and hands it to the same relay. Everything lives in a temporary directory and
 ``stop()`` leaves no daemon behind. Needs Debian's ``postfix`` and root (the master
@@ -56,9 +57,12 @@ def postfix_available() -> str | None:
 class PostfixInstance:
     """``with PostfixInstance(relay_port) as mta: mta.sendmail(sender, rcpt, message)``."""
 
-    def __init__(self, relay_port: int, hostname: str = "mail.clara.example") -> None:
+    def __init__(
+        self, relay_port: int, hostname: str = "mail.clara.example", smtpd_port: int | None = None
+    ) -> None:
         self.relay_port = relay_port
         self.hostname = hostname
+        self.smtpd_port = smtpd_port
         self.dir = Path(tempfile.mkdtemp(prefix="clara-postfix-", dir="/tmp"))
         self.dir.chmod(0o755)  # the postfix user must reach its queue
 
@@ -71,7 +75,10 @@ class PostfixInstance:
         (self.dir / "queue").mkdir(mode=0o755)
         (self.dir / "data").mkdir()
         shutil.chown(self.dir / "data", "postfix", "postfix")
-        (self.config_dir / "master.cf").write_text(MASTER_CF)
+        master = MASTER_CF
+        if self.smtpd_port is not None:
+            master += f"127.0.0.1:{self.smtpd_port} inet n - n - - smtpd\n"
+        (self.config_dir / "master.cf").write_text(master)
         (self.config_dir / "main.cf").write_text(
             f"""\
 compatibility_level = 3.6
@@ -97,6 +104,15 @@ maillog_file = {self.dir}/maillog
 maillog_file_prefixes = /tmp
 biff = no
 """
+            # Our SMTP server: loopback clients may relay; a client that pipelines where
+            # RFC 2920 does not allow it is refused (and logged).
+            + (
+                "mynetworks = 127.0.0.0/8\n"
+                "smtpd_data_restrictions = reject_unauth_pipelining\n"
+                "smtpd_client_restrictions = reject_unauth_pipelining\n"
+                if self.smtpd_port is not None
+                else ""
+            )
         )
 
     def start(self) -> PostfixInstance:
