@@ -643,7 +643,10 @@ def test_aiosmtpd_421_at_mail_and_greylisting(pipelining: bool) -> None:
 
 
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
-def test_pipelining_over_tls(mode: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("chained", [False, True])
+def test_pipelining_over_tls(
+    mode: str, chained: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The reader takes over the TLS transport aiosmtplib set up (STARTTLS and AUTH too)."""
     import trustme
 
@@ -669,11 +672,13 @@ def test_pipelining_over_tls(mode: str, tmp_path_factory: pytest.TempPathFactory
 
         async def go() -> list[SendResult]:
             connection = await SMTPTransport.from_url(url).connect()
+            recipients = ["a@x.example", "bad@x.example", "c@x.example"]
             try:
                 assert connection.pipelining
+                if chained:
+                    return await send_chained(connection, recipients, close=False)
                 return [
-                    await connection.send(SENDER, r, message(i))
-                    for i, r in enumerate(["a@x.example", "bad@x.example", "c@x.example"])
+                    await connection.send(SENDER, r, message(i)) for i, r in enumerate(recipients)
                 ]
             finally:
                 await connection.close()
@@ -682,3 +687,22 @@ def test_pipelining_over_tls(mode: str, tmp_path_factory: pytest.TempPathFactory
         assert [r.outcome for r in results] == [Outcome.SENT, Outcome.FAILED, Outcome.SENT]
         assert [m.data for m in server.messages] == [message(0), message(2)]
         assert len({m.connection for m in server.messages}) == 1  # RSET kept the session
+
+
+def test_chained_across_a_reconnect() -> None:
+    """``reconnect_after``: the session ends (QUIT) after every two messages; the reply
+    owed to the last one's end of DATA is read first, and nothing is lost or doubled."""
+    server = Scripted()
+
+    async def go() -> list[SendResult]:
+        async with server:
+            transport = SMTPTransport.from_url(
+                f"smtp://127.0.0.1:{server.port}?tls=none", reconnect_after=2
+            )
+            connection = await transport.connect()
+            return await send_chained(connection, [f"r{i}@x.example" for i in range(5)])
+
+    results = asyncio.run(go())
+    assert [r.outcome for r in results] == [Outcome.SENT] * 5
+    assert server.messages == [dot_stuff(message(i))[:-5] for i in range(5)]
+    assert server.connections == 3
