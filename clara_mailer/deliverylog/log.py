@@ -271,49 +271,16 @@ class DeliveryLog:
                     add_to_segment(conn, self.campaign_id, slug, len(members))
         return counts
 
-    def _unplanned(
+    def _unplanned_members(
         self,
-        conn: Connection,
+        columns: Sequence[Any],
         segment_id: int,
-        after: int,
-        where: Sequence[ColumnElement[bool]] = (),
-    ) -> Sequence[Any]:
-        """The next chunk of the segment's members (by id, after ``after``) that have no
-        delivery row in this campaign yet (and meet ``where``): plain rows of id, email
-        and language, read through Core (the ORM's row handling cost more than the
-        query)."""
-        return conn.execute(
-            select(Recipient.id, Recipient.email, Recipient.language)
-            .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-            .outerjoin(
-                Delivery,
-                and_(
-                    Delivery.campaign_id == self.campaign_id,
-                    Delivery.recipient_id == Recipient.id,
-                ),
-            )
-            .where(
-                recipient_segments.c.segment_id == segment_id,
-                Recipient.id > after,
-                Delivery.id.is_(None),
-                *where,
-            )
-            .order_by(Recipient.id)
-            .limit(PLAN_CHUNK)
-        ).all()
-
-    def _unplanned_count(
-        self,
-        conn: Connection,
-        segment_id: int,
-        earlier: Sequence[int],
-        where: Sequence[ColumnElement[bool]] = (),
-    ) -> int:
-        """How many of the segment's members have no delivery row in this campaign yet
-        (and meet ``where``), leaving out those of the ``earlier`` segments: ``plan``
-        plans them under those."""
-        query = (
-            select(func.count())
+        where: Sequence[ColumnElement[bool]],
+    ) -> Select[Any]:
+        """``columns`` of the segment's members that have no delivery row in this
+        campaign yet (and meet ``where``)."""
+        return (
+            select(*columns)
             .select_from(Recipient)
             .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
             .outerjoin(
@@ -325,6 +292,35 @@ class DeliveryLog:
             )
             .where(recipient_segments.c.segment_id == segment_id, Delivery.id.is_(None), *where)
         )
+
+    def _unplanned(
+        self,
+        conn: Connection,
+        segment_id: int,
+        after: int,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> Sequence[Any]:
+        """The next chunk of the segment's unplanned members (by id, after ``after``):
+        plain rows of id, email and language, read through Core (the ORM's row handling
+        cost more than the query)."""
+        columns = (Recipient.id, Recipient.email, Recipient.language)
+        return conn.execute(
+            self._unplanned_members(columns, segment_id, where)
+            .where(Recipient.id > after)
+            .order_by(Recipient.id)
+            .limit(PLAN_CHUNK)
+        ).all()
+
+    def _unplanned_count(
+        self,
+        conn: Connection,
+        segment_id: int,
+        earlier: Sequence[int],
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> int:
+        """How many of the segment's members are unplanned, leaving out those of the
+        ``earlier`` segments: ``plan`` plans them under those."""
+        query = self._unplanned_members((func.count(),), segment_id, where)
         if earlier:
             other = recipient_segments.alias("earlier")
             query = query.where(

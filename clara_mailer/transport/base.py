@@ -51,8 +51,9 @@ class Connection(Protocol):
     ``send`` returns the message's outcome. ``send_chained`` hands it to ``settle``
     instead, exactly once: at once, or, on an SMTP session that pipelines, when the next
     ``send_chained``, ``settle`` or ``close`` reads the reply to the end of DATA (the next
-    message's MAIL, RCPT and DATA go out before that reply is read, RFC 2920).
-    Outcomes are settled in the order the messages were handed over."""
+    message's MAIL, RCPT and DATA go out before that reply is read, RFC 2920). A
+    connection that subclasses this protocol and cannot chain (the outbox, memory)
+    inherits the plain ``send_chained`` and ``settle`` below."""
 
     smtputf8: bool
     eightbitmime: bool
@@ -72,39 +73,14 @@ class Connection(Protocol):
         message: bytes,
         settle: Settle,
         before_end_of_data: BeforeEndOfData | None = None,
-    ) -> None: ...
-
-    async def settle(self) -> None:
-        """Read the reply to an end of DATA still unread, if any, and settle it."""
-
-    async def close(self) -> None: ...
-
-
-class SettledAtOnce:
-    """``send_chained`` and ``settle`` for a connection whose outcomes are all known
-    when ``send`` returns (the outbox, memory, an SMTP server without PIPELINING)."""
-
-    async def send(
-        self,
-        envelope_from: str,
-        recipient: str,
-        message: bytes,
-        before_end_of_data: BeforeEndOfData | None = None,
-    ) -> SendResult:
-        raise NotImplementedError
-
-    async def send_chained(
-        self,
-        envelope_from: str,
-        recipient: str,
-        message: bytes,
-        settle: Settle,
-        before_end_of_data: BeforeEndOfData | None = None,
     ) -> None:
         settle(await self.send(envelope_from, recipient, message, before_end_of_data))
 
     async def settle(self) -> None:
+        """Read the reply to an end of DATA still unread, if any, and settle it."""
         return None
+
+    async def close(self) -> None: ...
 
 
 class Transport(Protocol):

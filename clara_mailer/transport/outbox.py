@@ -16,8 +16,8 @@ from clara_mailer.core.errors import TransportError
 from clara_mailer.core.vocabulary import Outcome
 from clara_mailer.transport.base import (
     BeforeEndOfData,
+    Connection,
     SendResult,
-    SettledAtOnce,
     classify,
     prepare_envelope,
 )
@@ -45,7 +45,7 @@ def outbox_filename(recipient: str, message_id: str | None = None) -> str:
     return f"{safe}-{digest}-{mid}.eml"
 
 
-class OutboxConnection(SettledAtOnce):
+class OutboxConnection(Connection):
     smtputf8 = True
     eightbitmime = True
 
@@ -122,7 +122,7 @@ class MemoryTransport:
         return MemoryConnection(self)
 
 
-class MemoryConnection(SettledAtOnce):
+class MemoryConnection(Connection):
     def __init__(self, transport: MemoryTransport) -> None:
         self._transport = transport
         self.smtputf8 = transport.smtputf8
