@@ -220,6 +220,14 @@ def bad_line_endings(message: bytes) -> SendResult | None:
     return None
 
 
+def payload_text(message: bytes) -> list[bytes]:
+    """The DATA payload in pieces, all but its final ".<CRLF>" (a ``CheckedMessage``'s
+    own pieces, not joined)."""
+    if isinstance(message, CheckedMessage):
+        return message.wire[:-1]
+    return [dot_stuff(message)[:-3]]
+
+
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: lines starting with "." doubled, ended by <CRLF>.<CRLF>."""
     if isinstance(message, CheckedMessage):

@@ -6,13 +6,16 @@ on the same transport (TLS included): MAIL, RCPT and DATA go out in one write an
 three replies are read in order, so a message takes two round trips instead of four.
 ``send_chained`` takes one away again: the next message's MAIL, RCPT and DATA follow the
 end of DATA before its reply is read, so the reply to one message's end of DATA and the
-three to the next one's envelope come back together. aiosmtplib's protocol cannot do that: it keeps one reply per read and drops what arrives
-while no command waits. Without PIPELINING, aiosmtplib sends MAIL and RCPT one by one.
+three to the next one's envelope come back together. aiosmtplib's protocol cannot do
+that: it keeps one reply per read and drops what arrives while no command waits. Without
+PIPELINING, aiosmtplib sends MAIL and RCPT one by one.
 
 DATA is ours either way: aiosmtplib normalises line endings and dot-stuffs with regular
 expressions on every message (about a millisecond of CPU for a newsletter); our messages
 already have CRLF endings, so one ``bytes.replace`` does the stuffing
-(``base.dot_stuff``). What each reply, refusal or lost connection comes to is in ``base``.
+(``base.dot_stuff``), and a message joined by ``base.MessageChecker`` goes out as its
+stuffed pieces in one gather write. What each reply, refusal or lost connection comes
+to is in ``base``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import socket
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -42,7 +46,7 @@ from clara_mailer.transport.base import (
     SendResult,
     Settle,
     classify,
-    dot_stuff,
+    payload_text,
     prepare_envelope,
 )
 
@@ -115,9 +119,14 @@ class _ReplyReader(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def write(self, data: bytes) -> None:
+        self.writelines((data,))
+
+    def writelines(self, pieces: Sequence[bytes]) -> None:
+        """Write ``pieces`` in one go (a message's shared parts as they are: one gather
+        write, no joined copy)."""
         if self.transport is None or self.transport.is_closing():
             raise SMTPServerDisconnected("Connection lost")
-        self.transport.write(data)
+        self.transport.writelines(pieces)
 
     async def reply(self, timeout: float | None) -> tuple[int, str]:
         """The next reply, in the order the commands went out."""
@@ -411,14 +420,14 @@ class SMTPConnection:
     def _connected(self, client: aiosmtplib.SMTP) -> bool:
         return self._reader.is_connected if self._reader is not None else client.is_connected
 
-    def _write(self, client: aiosmtplib.SMTP, data: bytes) -> None:
+    def _write(self, client: aiosmtplib.SMTP, *pieces: bytes) -> None:
         if self._reader is not None:
-            self._reader.write(data)
+            self._reader.writelines(pieces)
             return
         protocol = client.protocol
         if protocol is None:
             raise SMTPServerDisconnected("Connection lost")
-        protocol.write(data)
+        protocol.write(b"".join(pieces))
 
     async def _reset(self, client: aiosmtplib.SMTP, result: SendResult) -> SendResult:
         """After a refusal mid-transaction: RSET so the session can carry on."""
@@ -561,7 +570,7 @@ class SMTPConnection:
             options.append(b"SMTPUTF8")
         if self.eightbitmime and not message.isascii():
             options.append(b"BODY=8BITMIME")
-        payload = dot_stuff(message)
+        pieces = payload_text(message)  # the DATA payload but its final ".<CRLF>"
         self._sent_on_connection += 1
 
         mail = (b"MAIL", b"FROM:<" + envelope.mail_from + b">", *options)
@@ -583,11 +592,11 @@ class SMTPConnection:
                 if code != 354:
                     return await self._reset(client, classify(code, text))
             if before_end_of_data is None and not hold_end:
-                self._write(client, payload)
+                self._write(client, *pieces, b".\r\n")
             else:
                 # Everything but the final ".<CRLF>" (the body ends with its own CRLF):
                 # the server cannot take the message before that arrives.
-                self._write(client, payload[:-3])
+                self._write(client, *pieces)
                 if before_end_of_data is not None:
                     await self._flushed(client)
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException, OSError) as exc:
