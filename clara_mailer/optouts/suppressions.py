@@ -8,13 +8,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import ColumnElement, Connection, func, or_, select
 from sqlalchemy.orm import Session
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import OptOutReason, OptOutScope, choices
 from clara_mailer.store.models import Campaign, Suppression, utcnow
+
+
+def _stops(kind: str | None) -> list[ColumnElement[bool]]:
+    """The conditions of a suppression that stops a campaign of ``kind`` now (None: of
+    any kind): not lifted, and for every kind or that one."""
+    conditions: list[ColumnElement[bool]] = [Suppression.lifted_at.is_(None)]
+    if kind is not None:
+        conditions.append(or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind))
+    return conditions
 
 
 def active_suppressions(
@@ -26,12 +35,8 @@ def active_suppressions(
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         query = select(Suppression.address_hash, Suppression.reason).where(
-            Suppression.address_hash.in_(chunk), Suppression.lifted_at.is_(None)
+            Suppression.address_hash.in_(chunk), *_stops(kind)
         )
-        if kind is not None:
-            query = query.where(
-                or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind)
-            )
         for address_hash, reason in session.execute(query):
             found.setdefault(address_hash, reason)
     return found
@@ -41,14 +46,7 @@ def any_active_suppression(session: Session | Connection, kind: str) -> bool:
     """Whether any suppression stops a campaign of ``kind`` now (one that stops every
     kind included). False lets a planner skip hashing its members' addresses: with
     nothing to match, ``active_suppressions`` would find nothing for any of them."""
-    query = (
-        select(Suppression.id)
-        .where(
-            Suppression.lifted_at.is_(None),
-            or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind),
-        )
-        .limit(1)
-    )
+    query = select(Suppression.id).where(*_stops(kind)).limit(1)
     return session.execute(query).first() is not None
 
 
