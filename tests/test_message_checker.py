@@ -1,6 +1,7 @@
-"""``MessageChecker``: a message joined from parts carries its DATA payload, made part by
-part, when its line ends are all CRLF; whatever the parts, what goes out is what the
-wire's own checks and dot-stuffing make of the plain bytes."""
+"""``MessageChecker``: a message made of parts keeps them (not joined) with its DATA
+payload, made part by part, when its line ends are all CRLF; whatever the parts, what
+goes out is what the wire's own checks and dot-stuffing make of the plain bytes, and
+the envelope's choices (SMTPUTF8, 8BITMIME) are those the plain bytes would get."""
 
 from __future__ import annotations
 
@@ -10,17 +11,32 @@ import pytest
 
 from clara_mailer.transport.base import (
     CheckedMessage,
+    Envelope,
+    Message,
     MessageChecker,
+    SendResult,
     bad_line_endings,
     dot_stuff,
+    is_ascii,
+    message_bytes,
+    prepare_envelope,
 )
 
 LONG = b"".join(b"line %d of a shared part\r\n" % i for i in range(100))  # cached
 
 
-def _as_plain(message: bytes) -> tuple[bytes, object]:
-    plain = bytes(message)  # a plain copy: both scans run on it
-    return dot_stuff(plain), bad_line_endings(plain)
+def _wire_view(message: Message) -> tuple[object, ...]:
+    """What the wire makes of a message: its payload, the verdict on its line ends, and
+    the envelope a server with SMTPUTF8 and one without would get."""
+    envelopes: list[Envelope | SendResult] = [
+        prepare_envelope("sender@clara.example", "r@x.example", message, utf8)
+        for utf8 in (True, False)
+    ]
+    return dot_stuff(message), bad_line_endings(message), is_ascii(message), envelopes
+
+
+def _as_plain(message: Message) -> tuple[object, ...]:
+    return _wire_view(message_bytes(message))  # plain bytes: every scan runs on them
 
 
 @pytest.mark.parametrize(
@@ -44,9 +60,9 @@ def test_checked_only_when_every_line_end_is_crlf(parts: list[bytes], checked: b
     checker = MessageChecker()
     for _ in range(2):  # the second time from the kept verdicts
         joined = checker.join(parts)
-        assert joined == b"".join(parts)
+        assert message_bytes(joined) == b"".join(parts)
         assert isinstance(joined, CheckedMessage) is checked
-        assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined)
+        assert _wire_view(joined) == _as_plain(joined)
 
 
 def random_parts(
@@ -70,18 +86,22 @@ def random_parts(
 def test_random_parts_go_out_as_their_bytes() -> None:
     """Random parts of text, dots, CRs and LFs, large shared ones among them (seeded):
     the payload and the verdict on line ends are always those of the plain bytes."""
-    pieces = [b"w", b".", b"\r\n", b"\r\n.", b"\r", b"\n", b" ", b"\r\n\r\n"]
+    pieces = [b"w", b".", b"\r\n", b"\r\n.", b"\r", b"\n", b" ", b"\r\n\r\n", "é".encode()]
     rng = random.Random(5321)
     shared = [LONG, LONG.replace(b"line 7", b".line 7"), LONG + b"\r\n." * 3]
     checker = MessageChecker()
     seen = {True: 0, False: 0}
+    head_utf8 = {True: 0, False: 0}  # checked messages with 7-bit headers, and without
     for _ in range(400):
         parts = random_parts(rng, pieces, shared, 0.3, 12, 1)
         joined = checker.join(parts)
-        assert joined == b"".join(parts)
-        assert (dot_stuff(joined), bad_line_endings(joined)) == _as_plain(joined), parts
+        assert message_bytes(joined) == b"".join(parts)
+        assert _wire_view(joined) == _as_plain(joined), parts
         seen[isinstance(joined, CheckedMessage)] += 1
+        if isinstance(joined, CheckedMessage):
+            head_utf8[joined.headers_ascii] += 1
     assert seen[True] and seen[False], seen  # both ways were taken
+    assert head_utf8[True] and head_utf8[False], head_utf8
 
 
 def test_a_rendered_message_is_checked() -> None:
@@ -97,6 +117,19 @@ def test_a_rendered_message_is_checked() -> None:
             head, body = renderer(slug).render_parts(person(language=language))
             joined = checker.join([head, *body])
             assert isinstance(joined, CheckedMessage), (slug, language)
-            assert dot_stuff(joined) == dot_stuff(bytes(joined))
+            assert _wire_view(joined) == _as_plain(joined)
             stuffed = stuffed or b"\r\n.." in dot_stuff(joined)
     assert stuffed, "no rendered line starts with a dot: the case above is not met"
+
+
+def test_a_checked_message_holds_its_shared_parts_not_a_copy() -> None:
+    """A message waiting in the sender's queue costs its own bytes: the shared part and
+    its payload piece are the very objects every message of the variant holds."""
+    checker = MessageChecker()
+    first, second = (
+        checker.join([b"To: %d@x.example\r\n\r\n" % i, LONG, b"bye %d\r\n" % i]) for i in (1, 2)
+    )
+    assert isinstance(first, CheckedMessage) and isinstance(second, CheckedMessage)
+    assert first.parts[1] is LONG and second.parts[1] is LONG
+    assert first.wire[1] is second.wire[1]  # stuffed once, shared
+    assert len(first) == len(message_bytes(first))

@@ -36,7 +36,7 @@ from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.store.database import Database, open_database
 from clara_mailer.store.models import utcnow
 from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
-from clara_mailer.transport.base import MessageChecker
+from clara_mailer.transport.base import Message, MessageChecker
 
 if TYPE_CHECKING:
     from clara_mailer.compose.dkim import Unsigned
@@ -97,7 +97,7 @@ class _Job:
     row: ClaimedRow
     envelope_from: str
     recipient: str
-    data: bytes
+    data: Message
     address_hash: str
     message_id: str
     #: With DKIM, until signed: the signature(s) but the private-key step (the signing

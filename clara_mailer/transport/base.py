@@ -62,7 +62,7 @@ class Connection(Protocol):
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> SendResult: ...
 
@@ -70,7 +70,7 @@ class Connection(Protocol):
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         settle: Settle,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> None:
@@ -120,7 +120,7 @@ def _envelope_address(address: str, use_utf8: bool) -> bytes:
 
 
 def prepare_envelope(
-    envelope_from: str, recipient: str, message: bytes, server_smtputf8: bool
+    envelope_from: str, recipient: str, message: Message, server_smtputf8: bool
 ) -> Envelope | SendResult:
     """Check the addresses and the line endings and choose the MAIL parameters, or say
     why the message cannot go."""
@@ -135,9 +135,7 @@ def prepare_envelope(
     local_parts_ascii = (
         envelope_from.rpartition("@")[0].isascii() and recipient.rpartition("@")[0].isascii()
     )
-    header_end = message.find(b"\r\n\r\n")
-    headers_ascii = message[: header_end if header_end >= 0 else len(message)].isascii()
-    needs_utf8 = not (local_parts_ascii and headers_ascii)
+    needs_utf8 = not (local_parts_ascii and _headers_ascii(message))
     if needs_utf8 and not server_smtputf8:
         why = "a non-ASCII local part" if not local_parts_ascii else "raw UTF-8 headers"
         return SendResult(
@@ -158,13 +156,51 @@ def prepare_envelope(
 _DOT_LINE = re.compile(rb"\r\n\.")
 
 
-class CheckedMessage(bytes):
-    """Message bytes whose line ends are all CRLF, the last included, with the pieces of
-    their DATA payload beside them (dot-stuffed, ended by ".<CRLF>"; mostly the variant's
-    shared pieces, so they cost little memory). Made by ``MessageChecker.join``; any other
-    ``bytes`` is checked and stuffed as it goes out."""
+class CheckedMessage:
+    """A message kept as the parts it was made of, never joined on the way to an SMTP
+    server: its line ends are all CRLF, the last included, and ``wire`` holds the pieces
+    of its DATA payload (dot-stuffed, ended by ".<CRLF>"). Both lists are mostly the
+    variant's shared parts, so a message waiting in the sender's queue costs its few own
+    kilobytes, not a copy of the whole (~38 kB for the newsletter). ``bytes(message)``
+    joins it for a transport that stores it (the outbox). Made by
+    ``MessageChecker.join``; any plain ``bytes`` is checked and stuffed as it goes out."""
 
-    wire: list[bytes]
+    __slots__ = ("ascii", "headers_ascii", "parts", "wire")
+
+    def __init__(
+        self, parts: list[bytes], wire: list[bytes], ascii: bool, headers_ascii: bool
+    ) -> None:
+        self.parts = parts
+        self.wire = wire
+        self.ascii = ascii  # every byte is 7-bit
+        self.headers_ascii = headers_ascii  # so is the header section
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.parts))
+
+
+#: What a connection sends: the message's bytes, or the parts ``MessageChecker`` checked.
+Message = bytes | CheckedMessage
+
+
+def message_bytes(message: Message) -> bytes:
+    """The message as one ``bytes`` (a ``CheckedMessage`` joined)."""
+    return message if isinstance(message, bytes) else bytes(message)
+
+
+def is_ascii(message: Message) -> bool:
+    """Every byte of the message is 7-bit (else 8BITMIME is asked for)."""
+    return message.ascii if isinstance(message, CheckedMessage) else message.isascii()
+
+
+def _headers_ascii(message: Message) -> bool:
+    if isinstance(message, CheckedMessage):
+        return message.headers_ascii
+    header_end = message.find(b"\r\n\r\n")
+    return message[: header_end if header_end >= 0 else len(message)].isascii()
 
 
 class MessageChecker:
@@ -176,40 +212,49 @@ class MessageChecker:
     def __init__(self) -> None:
         self._wire = PartCache(_wire_part)
 
-    def join(self, parts: Sequence[bytes]) -> bytes:
-        """The parts joined: a ``CheckedMessage`` when its line ends are all CRLF (a CR
-        and its LF in one part), else plain bytes."""
-        data = b"".join(parts)
+    def join(self, parts: Sequence[bytes]) -> Message:
+        """The message the parts make: a ``CheckedMessage`` when its line ends are all
+        CRLF (a CR and its LF in one part), else the parts joined as plain bytes."""
         wire = []
+        ascii = True
         line_start = True  # where the next part begins
         for part in parts:
             if not part:
                 continue
-            stuffed = self._wire(part)
-            if stuffed is None:
-                return data
+            checked = self._wire(part)
+            if checked is None:
+                return b"".join(parts)
+            stuffed, part_ascii = checked
             if line_start and part[:1] == b".":
                 wire.append(b".")
             wire.append(stuffed)
+            ascii = ascii and part_ascii
             line_start = part.endswith(b"\n")
-        if not (line_start and data):
-            return data
-        message = CheckedMessage(data)
+        if not (line_start and wire):
+            return b"".join(parts)
         wire.append(b".\r\n")
-        message.wire = wire
-        return message
+        if ascii:
+            headers_ascii = True
+        else:
+            # The header section ends at the first blank line. When the first part holds
+            # one, no earlier one can span two parts; otherwise join to find out (rare).
+            first = parts[0]
+            end = first.find(b"\r\n\r\n")
+            headers_ascii = first[:end].isascii() if end >= 0 else _headers_ascii(b"".join(parts))
+        return CheckedMessage(list(parts), wire, ascii, headers_ascii)
 
 
-def _wire_part(part: bytes) -> bytes | None:
-    """``part`` with its inner lines that start with "." doubled, or None when it has a
-    CR or LF that is not in a CRLF pair."""
+def _wire_part(part: bytes) -> tuple[bytes, bool] | None:
+    """``part`` with its inner lines that start with "." doubled, and whether it is all
+    7-bit; None when it has a CR or LF that is not in a CRLF pair."""
     crlf = part.count(b"\r\n")
     if not part.count(b"\r") == crlf == part.count(b"\n"):
         return None
-    return part.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(part) else part
+    stuffed = part.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(part) else part
+    return stuffed, part.isascii()
 
 
-def bad_line_endings(message: bytes) -> SendResult | None:
+def bad_line_endings(message: Message) -> SendResult | None:
     """A FAILED result when ``message`` has a bare CR or LF, else ``None``."""
     if isinstance(message, CheckedMessage):
         return None
@@ -220,7 +265,7 @@ def bad_line_endings(message: bytes) -> SendResult | None:
     return None
 
 
-def payload_text(message: bytes) -> list[bytes]:
+def payload_text(message: Message) -> list[bytes]:
     """The DATA payload in pieces, all but its final ".<CRLF>" (a ``CheckedMessage``'s
     own pieces, not joined)."""
     if isinstance(message, CheckedMessage):
@@ -228,7 +273,7 @@ def payload_text(message: bytes) -> list[bytes]:
     return [dot_stuff(message)[:-3]]
 
 
-def dot_stuff(message: bytes) -> bytes:
+def dot_stuff(message: Message) -> bytes:
     """The DATA payload: lines starting with "." doubled, ended by <CRLF>.<CRLF>."""
     if isinstance(message, CheckedMessage):
         return b"".join(message.wire)

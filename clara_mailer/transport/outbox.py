@@ -17,8 +17,10 @@ from clara_mailer.core.vocabulary import Outcome
 from clara_mailer.transport.base import (
     BeforeEndOfData,
     Connection,
+    Message,
     SendResult,
     classify,
+    message_bytes,
     prepare_envelope,
 )
 
@@ -56,7 +58,7 @@ class OutboxConnection(Connection):
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> SendResult:
         envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
@@ -65,10 +67,11 @@ class OutboxConnection(Connection):
         # One file per message: a resend of the same delivery (same Message-ID) replaces
         # its file. Write-then-rename so a reader never sees half a message (no fsync: a dry run
         # does not need to survive a power cut, and fsync would cost milliseconds).
-        target = self.directory / outbox_filename(recipient, message_id_of(message))
+        data = message_bytes(message)
+        target = self.directory / outbox_filename(recipient, message_id_of(data))
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_bytes(message)
+            temporary.write_bytes(data)
             if before_end_of_data is not None:
                 before_end_of_data()  # the rename is this transport's end of DATA
             os.replace(temporary, target)
@@ -132,7 +135,7 @@ class MemoryConnection(Connection):
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> SendResult:
         envelope = prepare_envelope(envelope_from, recipient, message, self.smtputf8)
@@ -151,7 +154,7 @@ class MemoryConnection(Connection):
         else:
             result = SendResult(Outcome.SENT, 250, "2.0.0 OK (kept in memory)")
         if result.outcome in (Outcome.SENT, Outcome.UNKNOWN):
-            self._transport.sent.append((envelope_from, recipient, message))
+            self._transport.sent.append((envelope_from, recipient, message_bytes(message)))
         return result
 
     async def close(self) -> None:

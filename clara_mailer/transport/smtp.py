@@ -43,9 +43,11 @@ from clara_mailer.core.errors import ConfigError, TransportError
 from clara_mailer.core.vocabulary import Outcome
 from clara_mailer.transport.base import (
     BeforeEndOfData,
+    Message,
     SendResult,
     Settle,
     classify,
+    is_ascii,
     payload_text,
     prepare_envelope,
 )
@@ -487,7 +489,7 @@ class SMTPConnection:
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> SendResult:
         await self.settle()
@@ -503,7 +505,7 @@ class SMTPConnection:
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         settle: Settle,
         before_end_of_data: BeforeEndOfData | None = None,
     ) -> None:
@@ -549,7 +551,7 @@ class SMTPConnection:
         self,
         envelope_from: str,
         recipient: str,
-        message: bytes,
+        message: Message,
         before_end_of_data: BeforeEndOfData | None,
         *,
         chained: bool,
@@ -568,7 +570,7 @@ class SMTPConnection:
         options = []
         if envelope.smtputf8:
             options.append(b"SMTPUTF8")
-        if self.eightbitmime and not message.isascii():
+        if self.eightbitmime and not is_ascii(message):
             options.append(b"BODY=8BITMIME")
         pieces = payload_text(message)  # the DATA payload but its final ".<CRLF>"
         self._sent_on_connection += 1
