@@ -164,12 +164,22 @@ def send_cmd(
             click.echo(f"problem: {problem}", err=True)
         click.echo("Dry run: nothing was sent and nothing was written.")
         return
-    from clara_mailer.plan.plan import commit_plan, preview_plan
+    from clara_mailer.compose.checking import CheckRun
 
-    mailer = app.mailer
-    # Read-only first: a send declined at the prompt (or without a terminal to ask on)
-    # leaves no campaign row and no delivery row behind.
-    preview = preview_plan(mailer.db, mailer.settings, mailer.signer, campaign, options)
+    # The check runs in a process of its own from here (compose.checking), while this
+    # one loads the database layer and reads the plan; this one never inlines CSS.
+    check = CheckRun.start(app.settings, campaign, segments)
+    try:
+        from clara_mailer.plan.plan import commit_plan, preview_plan
+
+        mailer = app.mailer
+        # Read-only first: a send declined at the prompt (or without a terminal to ask
+        # on) leaves no campaign row and no delivery row behind.
+        preview = preview_plan(
+            mailer.db, mailer.settings, mailer.signer, campaign, options, check=check
+        )
+    finally:
+        check.cancel()  # when the preview stopped before it took the check's answer
     _print_warnings(app, campaign)  # an SMTP send with an incomplete footer was refused
     _print_plan(app, preview)
     if preview.to_send == 0:

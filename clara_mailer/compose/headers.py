@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import re
 
-import idna
-
 from clara_mailer.core.errors import NeedsSMTPUTF8, UnsendableRecipient
 
 _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+$")
@@ -38,6 +36,8 @@ def wire_address(address: str, *, smtputf8: bool) -> str:
             "did not announce SMTPUTF8"
         )
     if not domain.isascii():
+        import idna  # on first use: its tables cost ~1.5 MB a process
+
         try:
             domain = idna.encode(domain, uts46=True).decode("ascii")
         except idna.IDNAError as exc:

@@ -45,7 +45,6 @@ from clara_mailer.compose.campaigns import CampaignDef, load_campaign
 from clara_mailer.compose.headers import address_header, ascii_header, wire_address
 from clara_mailer.compose.ics import ICS_FILENAME, event_ics
 from clara_mailer.compose.markdown import MarkdownLoader
-from clara_mailer.compose.textpart import html_to_text
 from clara_mailer.core.errors import CampaignError, ConfigError, MailerError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
@@ -160,6 +159,13 @@ def inline_css(document: str) -> str:
 
 
 @functools.cache
+def _html_to_text(document: str) -> str:
+    """The text part of ``document`` (``textpart``, imported on first use: lxml)."""
+    from clara_mailer.compose.textpart import html_to_text
+
+    return html_to_text(document)
+
+
 def _premailer() -> Any:
     """premailer's class, imported on first use (lxml, cssutils: ~9 MB). premailer imports
     ``requests`` at its top (urllib3, idna, charset detection: ~6 MB more) only to fetch
@@ -275,6 +281,28 @@ class _Variant:
 
 #: A renderer's prepared variants, as one hands them to another (picklable).
 PreparedVariants = dict[_VariantKey, _Variant]
+
+
+def for_sending(variants: PreparedVariants) -> PreparedVariants:
+    """``variants`` as a sender needs them, in a third of the memory: without the HTML
+    and text kept for the checks (a renderer that adopts these sends; it does not check
+    again), and with equal pieces made one object, so that the variants of a campaign
+    share their static runs (the newsletter's: 4.5 MB pickled -> 1.2 MB)."""
+    shared: dict[bytes, bytes] = {}
+
+    def one(piece: bytes) -> bytes:
+        return shared.setdefault(piece, piece)
+
+    return {
+        key: dataclasses.replace(
+            variant,
+            body=tuple(one(p) if isinstance(p, bytes) else p for p in variant.body),
+            heads={flag: one(head) for flag, head in variant.heads.items()},
+            html="",
+            text="",
+        )
+        for key, variant in variants.items()
+    }
 
 
 class Renderer:
@@ -404,7 +432,7 @@ class Renderer:
             _SENTINELS[5] if has_source else "",
         )
         document = self.render_html(language, segment, values)
-        text = html_to_text(document)
+        text = _html_to_text(document)
         tag = hashlib.sha256(repr((self.defn.slug, key)).encode()).hexdigest()[:20]
         alt = f"=_clara_alt_{tag}"
         text_head = b'Content-Type: text/plain; charset="utf-8"\r\n'
@@ -450,9 +478,10 @@ class Renderer:
         return dict(self._variants)
 
     def adopt(self, variants: PreparedVariants) -> None:
-        """Take over variants another renderer of this campaign prepared (``prepared``):
-        a helper process of ``send --processes`` sends what its parent checked, and does
-        not inline the CSS again (nor import premailer)."""
+        """Take over variants another renderer of this campaign prepared (``prepared``,
+        or ``for_sending``): a helper process of ``send --processes`` sends what its
+        parent checked, and a sending process what its check's process prepared, without
+        inlining the CSS again (nor importing premailer)."""
         self._variants.update(variants)
 
     def variant(
@@ -559,7 +588,7 @@ class Renderer:
         msg["List-Id"] = f"{d.list_name} <{d.list_id}>"
         msg["List-Unsubscribe"] = self._list_unsubscribe(utoken)
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        msg.set_content(html_to_text(document), subtype="plain", cte="quoted-printable")
+        msg.set_content(_html_to_text(document), subtype="plain", cte="quoted-printable")
         msg.add_alternative(document, subtype="html", cte="quoted-printable")
         if d.event is not None:
             msg.make_mixed()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import ColumnElement, select
 
 from clara_mailer.compose.campaigns import CampaignDef, load_campaign, template_hash
+from clara_mailer.compose.checking import CheckRun
 from clara_mailer.compose.render import (
     FOOTER_SETTINGS,
     RecipientView,
@@ -96,9 +97,14 @@ def checked_campaign(
     segments: tuple[str, ...],
     *,
     real_send: bool = False,
+    check: CheckRun | None = None,
 ) -> CheckedCampaign:
     """Load and check the campaign and resolve its segments: what every send path needs
     before it renders anything.
+
+    ``check``: the check of this campaign and these segments, already running in a
+    process of its own (``compose.checking``); its prepared variants are adopted.
+    Without it, the check runs here.
 
     ``real_send``: the caller delivers to the campaign's recipients (not a dry run, not
     a test sample). Over SMTP (``settings.smtp_url`` set) that is refused, before anything
@@ -127,7 +133,11 @@ def checked_campaign(
     # The check prepares the variants of the chosen segments; the send then reuses them
     # from this renderer (a variant it meets that is not there is prepared on first use).
     renderer = Renderer(defn, settings, signer, campaign_id)
-    problems = check_campaign(settings, slug, renderer, chosen)
+    if check is not None and (check.slug, check.segments) == (slug, segments):
+        problems, variants = check.result()
+        renderer.adopt(variants)
+    else:
+        problems = check_campaign(settings, slug, renderer, chosen)
     if problems:
         raise CheckFailed(slug, problems)
     return CheckedCampaign(defn, ids, campaign_id, renderer)
@@ -142,12 +152,19 @@ def prepare_send(
 
 
 def preview_plan(
-    db: Database, settings: Settings, signer: TokenSigner, slug: str, options: SendOptions
+    db: Database,
+    settings: Settings,
+    signer: TokenSigner,
+    slug: str,
+    options: SendOptions,
+    check: CheckRun | None = None,
 ) -> Plan:
     """What ``prepare_send`` would do, written nowhere: the rows it would add per segment
     (queued, skipped as suppressed), the rows already there, and the resulting counts.
     Raises what the commit would raise (changed templates) before anyone is asked."""
-    checked = checked_campaign(db, settings, signer, slug, options.segments, real_send=True)
+    checked = checked_campaign(
+        db, settings, signer, slug, options.segments, real_send=True, check=check
+    )
     defn = checked.defn
     check_templates(
         db, defn.slug, template_hash(defn), allow_changed_templates=options.allow_changed_templates
