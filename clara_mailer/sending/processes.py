@@ -15,10 +15,6 @@ those of any dead worker (its journal, ``sending.journal``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import multiprocessing
-import multiprocessing.connection
 import os
 import queue
 import signal
@@ -27,7 +23,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # multiprocessing and ctypes load only when helpers start (~1 MB)
+    from multiprocessing.process import BaseProcess
 
 PR_SET_PDEATHSIG = 1
 
@@ -43,6 +42,9 @@ def _set_pdeathsig() -> bool:
     that started it) dies. False where that is not available."""
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
@@ -52,6 +54,9 @@ def _set_pdeathsig() -> bool:
 
 def _watch_parent(parent_pid: int) -> None:
     """Elsewhere: a thread that waits for the parent to go, then kills this process."""
+
+    import multiprocessing
+    import multiprocessing.connection
 
     def watch() -> None:
         parent = multiprocessing.parent_process()
@@ -89,19 +94,21 @@ class HelperProcesses:
         self.count = count
         self.args = args
         self.errors: list[str] = []
-        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.processes: list[BaseProcess] = []
         self.latest: dict[int, Counter[str]] = {}
         self.interrupted = False
-        self._context = multiprocessing.get_context("spawn")
         self._queue: Any = None
 
     def start(self) -> None:
         if not self.count:
             return
-        self._queue = self._context.Queue()
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._queue = context.Queue()
         parent = os.getpid()
         for i in range(self.count):
-            process = self._context.Process(
+            process = context.Process(
                 target=_helper_entry,
                 args=(parent, self.target, i, *self.args, self._queue),
                 daemon=False,
