@@ -22,7 +22,7 @@ from clara_mailer.core.resources import MIGRATIONS
 from clara_mailer.core.settings import Settings
 from clara_mailer.store.tables import meta
 
-if TYPE_CHECKING:  # the ORM is imported on the first session(): reading needs none
+if TYPE_CHECKING:  # the ORM is loaded on the first session(); reading(), writing() need none
     from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = MIGRATIONS
@@ -122,6 +122,16 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         with self.sessionmaker() as session, session.begin():
             yield session
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, committed on success and rolled back on
+        error: ``session()`` without the ORM, for the paths that must not load it (a send).
+        As in a session, the transaction begins with the first statement (SQLite: BEGIN
+        IMMEDIATE, ``_sqlite_begin``), so a block that runs none takes no lock."""
+        with self.engine.connect() as conn:
+            yield conn
+            conn.commit()
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
