@@ -1,28 +1,40 @@
 """Suppressions: opt-outs, hard bounces, complaints and erasures, by keyed address hash.
 
-Checked when a send is planned, again just before each message, and by import.
+Checked when a send is planned, again just before each message, and by import. The
+checks (``active_suppressions``, ``any_active_suppression``) are SQLAlchemy Core on the
+``suppressions`` table and take a Core connection or an ORM session alike: a send never
+loads the ORM. The functions that manage suppressions return ORM rows, so they import
+the models when called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Connection, func, or_, select
-from sqlalchemy.orm import Session
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import OptOutReason, OptOutScope, choices
-from clara_mailer.store.models import Campaign, Suppression, utcnow
+from clara_mailer.store import tables
+from clara_mailer.store.tables import utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from clara_mailer.store.models import Suppression
+
+#: The table's columns, for the checks (Core: no ORM).
+_suppression = tables.suppressions.c
 
 
 def _stops(kind: str | None) -> list[ColumnElement[bool]]:
     """The conditions of a suppression that stops a campaign of ``kind`` now (None: of
     any kind): not lifted, and for every kind or that one."""
-    conditions: list[ColumnElement[bool]] = [Suppression.lifted_at.is_(None)]
+    conditions: list[ColumnElement[bool]] = [_suppression.lifted_at.is_(None)]
     if kind is not None:
-        conditions.append(or_(Suppression.scope == OptOutScope.ALL, Suppression.scope == kind))
+        conditions.append(or_(_suppression.scope == OptOutScope.ALL, _suppression.scope == kind))
     return conditions
 
 
@@ -34,8 +46,8 @@ def active_suppressions(
     found: dict[str, str] = {}
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
-        query = select(Suppression.address_hash, Suppression.reason).where(
-            Suppression.address_hash.in_(chunk), *_stops(kind)
+        query = select(_suppression.address_hash, _suppression.reason).where(
+            _suppression.address_hash.in_(chunk), *_stops(kind)
         )
         for address_hash, reason in session.execute(query):
             found.setdefault(address_hash, reason)
@@ -46,7 +58,7 @@ def any_active_suppression(session: Session | Connection, kind: str) -> bool:
     """Whether any suppression stops a campaign of ``kind`` now (one that stops every
     kind included). False lets a planner skip hashing its members' addresses: with
     nothing to match, ``active_suppressions`` would find nothing for any of them."""
-    query = select(Suppression.id).where(*_stops(kind)).limit(1)
+    query = select(_suppression.id).where(*_stops(kind)).limit(1)
     return session.execute(query).first() is not None
 
 
@@ -83,6 +95,8 @@ def suppress_hash(
     campaign_id: int | None = None,
     note: str = "",
 ) -> Suppression:
+    from clara_mailer.store.models import Suppression
+
     if scope not in set(OptOutScope):
         raise ValueError(f"unknown scope {scope!r}")
     existing = session.scalars(
@@ -124,6 +138,8 @@ def add(
     """Suppress ``address``; returns the row and whether it is new (False: already there)."""
     if scope not in set(OptOutScope):
         raise InputError(f"unknown scope {scope!r} (one of: {choices(OptOutScope)})")
+    from clara_mailer.store.models import Suppression
+
     if not address.strip() or "@" not in address:
         raise InputError(f"not an email address: {address!r}")
     before = session.scalar(
@@ -141,6 +157,8 @@ def add(
 
 def list_suppressions(session: Session, *, include_lifted: bool = True) -> list[dict[str, Any]]:
     """Every suppression, oldest first, as plain rows (no address: only its keyed hash)."""
+    from clara_mailer.store.models import Campaign, Suppression
+
     query = (
         select(Suppression, Campaign.slug)
         .outerjoin(Campaign, Campaign.id == Suppression.campaign_id)
@@ -176,6 +194,8 @@ def lift_hash(
 
     The rows stay, with ``lifted_at`` and ``lifted_note``: an opt-out's history is kept.
     """
+    from clara_mailer.store.models import Suppression
+
     query = select(Suppression).where(
         Suppression.address_hash == address_hash, Suppression.lifted_at.is_(None)
     )
@@ -204,6 +224,8 @@ def lift(
 
 def record_erasure(session: Session, address_hash: str, *, source: str = "erase") -> Suppression:
     """Make sure an active ``erased`` suppression exists for the hash (whatever else does)."""
+    from clara_mailer.store.models import Suppression
+
     existing = session.scalars(
         select(Suppression).where(
             Suppression.address_hash == address_hash,
