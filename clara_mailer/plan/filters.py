@@ -10,9 +10,10 @@ say who is a candidate, and the opt-outs still apply)::
 
 Several values are alternatives (``status=failed,bounced:CAMPAIGN``); several filters
 must all hold. ``parse_filters`` checks the syntax (no database); ``member_conditions``
-resolves the campaigns and segments named and returns SQL conditions on ``Recipient``,
-which ``DeliveryLog.plan``/``preview_plan`` and the dry run add to their member queries.
-Every problem is an ``InputError`` (one line, exit status 2).
+resolves the campaigns and segments named and returns SQL conditions on the
+``recipients`` table, which ``DeliveryLog.plan``/``preview_plan`` and the dry run add to
+their member queries: SQLAlchemy Core alone, so a send loads no ORM. Every problem is an
+``InputError`` (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -20,14 +21,22 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, exists, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import ColumnElement, Connection, exists, or_, select
 
 from clara_mailer.core.errors import InputError
 from clara_mailer.core.vocabulary import LANGUAGES, CampaignKind, RsvpAnswer, Status
-from clara_mailer.store.models import Campaign, Delivery, Recipient, Rsvp, Segment
-from clara_mailer.store.models import recipient_segments as _members
+from clara_mailer.store import tables
+from clara_mailer.store.tables import recipient_segments as _members
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+#: The tables' columns (Core: a send loads no ORM).
+Campaign = tables.campaigns.c
+Recipient = tables.recipients.c
+Segment = tables.segments.c
 
 #: ``none``: no answer recorded for the campaign.
 RSVP_VALUES: tuple[str, ...] = (*(a.value for a in RsvpAnswer), "none")
@@ -99,9 +108,9 @@ def parse_filters(texts: Sequence[str]) -> tuple[Filter, ...]:
 
 
 def member_conditions(
-    session: Session, filters: Sequence[Filter], exclude_segments: Sequence[str] = ()
+    session: Connection | Session, filters: Sequence[Filter], exclude_segments: Sequence[str] = ()
 ) -> list[ColumnElement[bool]]:
-    """SQL conditions on ``Recipient`` for the filters and the excluded segments (all must
+    """SQL conditions on ``recipients`` for the filters and the excluded segments (all must
     hold). InputError for a campaign never sent (no delivery log) or an unknown segment."""
     conditions: list[ColumnElement[bool]] = []
     campaigns: dict[str, tuple[int, str]] = {}
@@ -154,21 +163,21 @@ def _condition(f: Filter, campaign: tuple[int, str] | None) -> ColumnElement[boo
                 f"--where {str(f)!r}: {f.campaign!r} is a {kind}, not an invitation: "
                 "it has no answers"
             )
-        answered = aliased(Rsvp)
-        mine = (answered.campaign_id == campaign_id) & (answered.recipient_id == Recipient.id)
+        answered = tables.rsvps.alias()
+        mine = (answered.c.campaign_id == campaign_id) & (answered.c.recipient_id == Recipient.id)
         answers = [v for v in f.values if v != "none"]
         options: list[ColumnElement[bool]] = []
         if answers:
-            options.append(exists().where(mine, answered.answer.in_(answers)))
+            options.append(exists().where(mine, answered.c.answer.in_(answers)))
         if "none" in f.values:
             options.append(~exists().where(mine))
         return or_(*options)
     # status: the recipient's delivery in that campaign has one of these states.
-    other = aliased(Delivery)
+    other = tables.deliveries.alias()
     return exists().where(
-        other.campaign_id == campaign_id,
-        other.recipient_id == Recipient.id,
-        other.status.in_(f.values),
+        other.c.campaign_id == campaign_id,
+        other.c.recipient_id == Recipient.id,
+        other.c.status.in_(f.values),
     )
 
 
