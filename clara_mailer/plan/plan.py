@@ -37,8 +37,13 @@ from clara_mailer.deliverylog.log import (
 )
 from clara_mailer.optouts.suppressions import active_suppressions
 from clara_mailer.plan.filters import member_conditions, parse_filters
+from clara_mailer.store import tables
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Recipient, Segment, recipient_segments
+from clara_mailer.store.tables import recipient_segments
+
+#: The tables' columns: the plan reads with SQLAlchemy Core, so a send loads no ORM.
+Recipient = tables.recipients.c
+Segment = tables.segments.c
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def checked_campaign(
     chosen = segments or defn.default_segments
     if not chosen:
         raise SendError(f"campaign {slug!r} names no default segments: pass --segment")
-    with db.session() as s:
+    with db.writing() as s:
         ids = segment_ids(s, chosen)
         missing = [name for name in chosen if name not in {n for _, n in ids}]
         if missing:
@@ -207,7 +212,7 @@ def commit_plan(
     meanwhile is included)."""
     if not plan.preview:
         return plan
-    with db.session() as s:
+    with db.writing() as s:
         ids = segment_ids(s, plan.segments)
     if len(ids) != len(plan.segments) or plan.renderer is None:  # a segment went meanwhile
         checked = checked_campaign(
@@ -250,7 +255,7 @@ def _where(db: Database, options: SendOptions) -> list[ColumnElement[bool]]:
     if not options.where and not options.exclude_segments:
         return []
     filters = parse_filters(options.where)
-    with db.session() as s:
+    with db.writing() as s:
         return member_conditions(s, filters, options.exclude_segments)
 
 
@@ -281,22 +286,18 @@ def dry_run(
     for segment_id, segment in checked.segments:
         after = 0
         while True:
-            with db.session() as s:
-                members = (
-                    s.execute(
-                        select(Recipient)
-                        .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-                        .where(
-                            recipient_segments.c.segment_id == segment_id,
-                            Recipient.id > after,
-                            *where,
-                        )
-                        .order_by(Recipient.id)
-                        .limit(1000)
+            with db.writing() as s:
+                members = s.execute(
+                    select(tables.recipients)
+                    .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
+                    .where(
+                        recipient_segments.c.segment_id == segment_id,
+                        Recipient.id > after,
+                        *where,
                     )
-                    .scalars()
-                    .all()
-                )
+                    .order_by(Recipient.id)
+                    .limit(1000)
+                ).all()
                 hashes = {m.id: signer.address_hash(m.email) for m in members}
                 suppressed = active_suppressions(s, hashes.values(), defn.kind)
             if not members:

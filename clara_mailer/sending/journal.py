@@ -60,7 +60,7 @@ from sqlalchemy.engine import make_url
 from clara_mailer.core.vocabulary import Status
 from clara_mailer.deliverylog.log import _pid_alive
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Delivery
+from clara_mailer.store.tables import deliveries
 
 MAGIC = b"CLARAJ1\n"
 #: delivery id, unix seconds, kind, SMTP code
@@ -381,13 +381,13 @@ class LocalJournals:
             elif key is not None and header[2] == key:
                 candidates.setdefault(header[0], []).append(path)
         if candidates and db is not None:
-            with db.session() as s:
+            with db.writing() as conn:
                 needed = set(
-                    s.scalars(
-                        select(Delivery.worker_id)
+                    conn.scalars(
+                        select(deliveries.c.worker_id)
                         .where(
-                            Delivery.status == Status.SENDING,
-                            Delivery.worker_id.in_(list(candidates)),
+                            deliveries.c.status == Status.SENDING,
+                            deliveries.c.worker_id.in_(list(candidates)),
                         )
                         .distinct()
                     )

@@ -34,7 +34,7 @@ from clara_mailer.plan.plan import Plan, SendOptions
 from clara_mailer.sending.journal import LOCAL_JOURNALS, WorkerJournal
 from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.store.database import Database, open_database
-from clara_mailer.store.models import utcnow
+from clara_mailer.store.tables import utcnow
 from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
 from clara_mailer.transport.base import Message, MessageChecker
 
