@@ -7,6 +7,7 @@ the modules it holds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -15,14 +16,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from clara_mailer.compose.render import _ImportedOnFirstUse
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.optouts import suppressions
 from clara_mailer.store.database import Database
-from clara_mailer.store.tables import deliveries
+from clara_mailer.store.tables import deliveries, schedules, utcnow
 from tests.conftest import REPO_ROOT, settings_env
 from tests.report_helpers import NEWSLETTER, build_newsletter_log
 from tests.send_helpers import add_recipients
@@ -88,6 +89,23 @@ def test_send_needs_no_orm(db: Database, settings: Settings, tmp_path: Path) -> 
         query = select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
         statuses = Counter({str(status): n for status, n in conn.execute(query)})
     assert statuses == {"sent": 5, "skipped": 1}
+
+
+def test_a_scheduled_send_needs_no_orm(db: Database, settings: Settings, tmp_path: Path) -> None:
+    add_recipients(db, 3, "local-police")
+    args = ["send", NEWSLETTER, "--segment", "local-police", "--at", "2099-01-01T09:00+01:00"]
+    names, _ = _modules_after(args, settings, tmp_path)
+    assert "clara_mailer.audience.schedule" in names
+    assert "sqlalchemy.orm" not in names
+    with db.writing() as conn:  # its time has come
+        conn.execute(update(schedules).values(due_at=utcnow() - dt.timedelta(seconds=1)))
+    names, _ = _modules_after(["scheduled", "run"], settings, tmp_path)
+    assert "clara_mailer.sending.worker" in names
+    assert "sqlalchemy.orm" not in names
+    assert "clara_mailer.store.models" not in names
+    assert len(list((settings.outbox_dir / NEWSLETTER).glob("*.eml"))) == 3
+    with db.reading() as conn:
+        assert conn.scalar(select(schedules.c.state)) == "done"
 
 
 def test_rendering_a_campaign_loads_neither_requests_nor_markdown_it(

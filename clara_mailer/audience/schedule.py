@@ -18,6 +18,9 @@ its process is not running or the machine has restarted since (the runner id is
 ``claimed_at`` every ``HEARTBEAT_SECONDS`` while it sends). It is never put back to
 ``due``: a runner presumed dead that is in fact alive goes on alone (its own result is
 recorded when it ends), so no schedule is ever run twice at once.
+
+Like the send it starts, this is SQLAlchemy Core alone: neither ``send --at`` nor a
+runner loads the ORM.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import Row, insert, select, update
 
 from clara_mailer.compose.campaigns import load_campaign
 from clara_mailer.core.errors import InputError, NotFound
@@ -42,9 +45,13 @@ from clara_mailer.plan.filters import parse_filters
 from clara_mailer.plan.plan import SendOptions, prepare_send
 from clara_mailer.sending.journal import boot_marker, pid_alive, same_boot
 from clara_mailer.sending.worker import run_send
+from clara_mailer.store import tables
 from clara_mailer.store.database import Database
-from clara_mailer.store.models import Schedule, utcnow
+from clara_mailer.store.tables import utcnow
 from clara_mailer.transport import Transport
+
+#: The table's columns (Core: no ORM).
+Schedule = tables.schedules.c
 
 DUE, RUNNING, DONE, FAILED, CANCELLED = "due", "running", "done", "failed", "cancelled"
 #: How often a runner renews ``claimed_at`` while its send runs, in seconds.
@@ -121,31 +128,30 @@ def create_schedule(
         )
     load_campaign(settings, slug)  # a campaign that does not exist is refused now
     parse_filters(options.where)
-    with db.session() as session:
-        pending = session.scalars(
-            select(Schedule).where(Schedule.campaign == slug, Schedule.state == DUE)
+    with db.writing() as conn:
+        pending = conn.execute(
+            select(tables.schedules).where(Schedule.campaign == slug, Schedule.state == DUE)
         ).first()
         if pending is not None:
             raise InputError(
                 f"{slug} is scheduled already for {pending.due_at:%Y-%m-%d %H:%M} UTC: "
                 f"cancel it first with `clara-mail send {slug} --cancel-schedule`"
             )
-        row = Schedule(campaign=slug, options=options_json(options), due_at=due, state=DUE)
-        session.add(row)
-        session.flush()
+        row = conn.execute(
+            insert(tables.schedules)
+            .values(campaign=slug, options=options_json(options), due_at=due, state=DUE)
+            .returning(tables.schedules)
+        ).one()
         return _row(row)
 
 
 def cancel_schedule(db: Database, slug: str) -> int:
     """Cancel the due (not started) schedules of ``slug``; NotFound when there is none."""
-    with db.session() as session:
-        result = cast(
-            CursorResult[Any],
-            session.execute(
-                update(Schedule)
-                .where(Schedule.campaign == slug, Schedule.state == DUE)
-                .values(state=CANCELLED, finished_at=utcnow(), result="cancelled")
-            ),
+    with db.writing() as conn:
+        result = conn.execute(
+            update(tables.schedules)
+            .where(Schedule.campaign == slug, Schedule.state == DUE)
+            .values(state=CANCELLED, finished_at=utcnow(), result="cancelled")
         )
         count = result.rowcount
     if not count:
@@ -157,7 +163,7 @@ def _when(value: dt.datetime | None) -> str | None:
     return f"{value:%Y-%m-%d %H:%M:%S}" if value is not None else None
 
 
-def _row(row: Schedule) -> dict[str, Any]:
+def _row(row: Row[Any]) -> dict[str, Any]:
     return {
         "id": row.id,
         "campaign": row.campaign,
@@ -175,11 +181,11 @@ def list_schedules(db: Database, *, active_only: bool = False) -> list[dict[str,
     """Every schedule by due time; a ``running`` one whose runner is gone is marked
     ``failed`` first (``reap_dead_runners``)."""
     reap_dead_runners(db)
-    query = select(Schedule).order_by(Schedule.due_at, Schedule.id)
+    query = select(tables.schedules).order_by(Schedule.due_at, Schedule.id)
     if active_only:
         query = query.where(Schedule.state.in_([DUE, RUNNING]))
-    with db.session() as session:
-        return [_row(row) for row in session.scalars(query)]
+    with db.writing() as conn:
+        return [_row(row) for row in conn.execute(query)]
 
 
 def _host() -> str:
@@ -213,8 +219,8 @@ def reap_dead_runners(db: Database, now: dt.datetime | None = None) -> int:
     Never back to ``due``: that could start a second run beside a runner presumed dead
     but alive. ``clara-mail send CAMPAIGN`` resumes the send (or ``send --at`` again)."""
     moment = now or utcnow()
-    with db.session() as session:
-        running = session.execute(
+    with db.writing() as conn:
+        running = conn.execute(
             select(Schedule.id, Schedule.campaign, Schedule.claimed_by, Schedule.claimed_at).where(
                 Schedule.state == RUNNING
             )
@@ -228,18 +234,15 @@ def reap_dead_runners(db: Database, now: dt.datetime | None = None) -> int:
             f"interrupted: {why}; what was sent is recorded: `clara-mail send {slug}` "
             "resumes it (or schedule it again with --at)"
         )
-        with db.session() as session:
-            result = cast(
-                CursorResult[Any],
-                session.execute(
-                    update(Schedule)
-                    .where(
-                        Schedule.id == schedule_id,
-                        Schedule.state == RUNNING,
-                        Schedule.claimed_by == runner,
-                    )
-                    .values(state=FAILED, finished_at=moment, result=text[:2000])
-                ),
+        with db.writing() as conn:
+            result = conn.execute(
+                update(tables.schedules)
+                .where(
+                    Schedule.id == schedule_id,
+                    Schedule.state == RUNNING,
+                    Schedule.claimed_by == runner,
+                )
+                .values(state=FAILED, finished_at=moment, result=text[:2000])
             )
             count += result.rowcount
     return count
@@ -249,23 +252,20 @@ def claim(db: Database, schedule_id: int, runner: str) -> bool:
     """Whether this runner took the due schedule ``schedule_id`` (False: someone else did,
     or it was cancelled)."""
     now = utcnow()
-    with db.session() as session:
-        result = cast(
-            CursorResult[Any],
-            session.execute(
-                update(Schedule)
-                .where(Schedule.id == schedule_id, Schedule.state == DUE)
-                .values(state=RUNNING, claimed_by=runner, claimed_at=now, started_at=now)
-            ),
+    with db.writing() as conn:
+        result = conn.execute(
+            update(tables.schedules)
+            .where(Schedule.id == schedule_id, Schedule.state == DUE)
+            .values(state=RUNNING, claimed_by=runner, claimed_at=now, started_at=now)
         )
         return result.rowcount == 1
 
 
 def heartbeat(db: Database, schedule_id: int, runner: str) -> None:
     """This runner is alive and still sending ``schedule_id``."""
-    with db.session() as session:
-        session.execute(
-            update(Schedule)
+    with db.writing() as conn:
+        conn.execute(
+            update(tables.schedules)
             .where(Schedule.id == schedule_id, Schedule.claimed_by == runner)
             .values(claimed_at=utcnow())
         )
@@ -295,9 +295,9 @@ def _heartbeats(db: Database, schedule_id: int, runner: str, interval: float) ->
 def _finish(db: Database, schedule_id: int, runner: str, state: str, result: str) -> None:
     # Only its own claim: what this runner did is recorded even if it was taken for dead
     # meanwhile (its result then said "interrupted").
-    with db.session() as session:
-        session.execute(
-            update(Schedule)
+    with db.writing() as conn:
+        conn.execute(
+            update(tables.schedules)
             .where(Schedule.id == schedule_id, Schedule.claimed_by == runner)
             .values(state=state, finished_at=utcnow(), result=result[:2000])
         )
@@ -319,10 +319,10 @@ def run_due(
     runner = runner or runner_id()
     reap_dead_runners(db)
     moment = now.astimezone(dt.UTC).replace(tzinfo=None) if now else utcnow()
-    with db.session() as session:
+    with db.writing() as conn:
         due = [
             (row.id, row.campaign, row.options)
-            for row in session.execute(
+            for row in conn.execute(
                 select(Schedule.id, Schedule.campaign, Schedule.options)
                 .where(Schedule.state == DUE, Schedule.due_at <= moment)
                 .order_by(Schedule.due_at, Schedule.id)
