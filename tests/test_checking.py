@@ -107,6 +107,18 @@ def test_a_child_that_does_not_answer_is_one_line(
         CheckRun.start(SETTINGS, "newsletter-2022-01", ()).result()
 
 
+def test_a_check_that_cannot_start_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(MailerError) as caught:
+        CheckRun.start(SETTINGS, "newsletter-2022-01", ())
+    assert str(caught.value) == (
+        f"cannot start the check of 'newsletter-2022-01' ({tmp_path / 'no-python'}): "
+        "No such file or directory"
+    )
+
+
 def test_a_cancelled_check_leaves_no_process() -> None:
     run = CheckRun.start(SETTINGS, "newsletter-2022-01", ())
     run.cancel()

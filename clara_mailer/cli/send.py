@@ -117,6 +117,17 @@ def send_cmd(
       clara-mail send reminder --where rsvp=none:conference-2022-02-04
       clara-mail send newsletter-2022-01 --at 2022-01-20T09:00+01:00
     """
+    from clara_mailer.compose.checking import CheckRun
+
+    # A send checks the campaign in a process of its own (compose.checking): this one
+    # never loads the CSS inliner. It is waited for before this one loads its database
+    # layer (the filters below are the first of it), so that the two together stay as
+    # small as this one is later alone.
+    check = None
+    if not (cancel_schedule or at is not None or test_to or dry_run):
+        check = CheckRun.start(app.settings, campaign, segments)
+        check.wait()
+
     from clara_mailer.plan.filters import parse_filters
     from clara_mailer.plan.plan import SendOptions
 
@@ -164,22 +175,14 @@ def send_cmd(
             click.echo(f"problem: {problem}", err=True)
         click.echo("Dry run: nothing was sent and nothing was written.")
         return
-    from clara_mailer.compose.checking import CheckRun
+    from clara_mailer.plan.plan import commit_plan, preview_plan
 
-    # The check runs in a process of its own from here (compose.checking), while this
-    # one loads the database layer and reads the plan; this one never inlines CSS.
-    check = CheckRun.start(app.settings, campaign, segments)
-    try:
-        from clara_mailer.plan.plan import commit_plan, preview_plan
-
-        mailer = app.mailer
-        # Read-only first: a send declined at the prompt (or without a terminal to ask
-        # on) leaves no campaign row and no delivery row behind.
-        preview = preview_plan(
-            mailer.db, mailer.settings, mailer.signer, campaign, options, check=check
-        )
-    finally:
-        check.cancel()  # when the preview stopped before it took the check's answer
+    mailer = app.mailer
+    # Read-only first: a send declined at the prompt (or without a terminal to ask on)
+    # leaves no campaign row and no delivery row behind.
+    preview = preview_plan(
+        mailer.db, mailer.settings, mailer.signer, campaign, options, check=check
+    )
     _print_warnings(app, campaign)  # an SMTP send with an incomplete footer was refused
     _print_plan(app, preview)
     if preview.to_send == 0:

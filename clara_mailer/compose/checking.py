@@ -6,8 +6,9 @@ inlined (premailer, with lxml and cssutils): work done once, whose imports and g
 ``check_and_prepare`` in a short-lived child (a fresh interpreter, not a fork of this
 one), which hands back the problems and every prepared variant the send can meet; the
 sending process adopts those variants (``Renderer.adopt``) and never imports premailer.
-``clara-mail send`` starts the check first thing, so it runs on another core while the
-sending process loads its database layer and plans.
+``clara-mail send`` runs the check first thing and waits for it before it loads its
+database layer: the child (~43 MB at its peak) and the sending process (~17 MB by
+then) together stay under what the sending process later needs alone.
 
 Request and answer go over the child's standard input and output, pickled: the child
 is this program, started by it, reading nothing else. It gets the parent's module path
@@ -65,73 +66,86 @@ def check_and_prepare(
 
 
 class CheckRun:
-    """``check_and_prepare`` running in a child process; ``result`` waits for it."""
+    """``check_and_prepare`` running in a child process; ``result`` waits for it.
+
+    The child writes its answer and its stderr to files, not pipes: it never waits on
+    this process, and it has exited (its memory given back) before this one reads the
+    answer and loads the variants."""
 
     def __init__(
         self,
         process: subprocess.Popen[bytes],
         slug: str,
         segments: tuple[str, ...],
+        output: IO[bytes],
         errors: IO[bytes],
     ) -> None:
-        self._process, self._errors = process, errors
+        self._process, self._output, self._errors = process, output, errors
         self.slug, self.segments = slug, segments  # as asked (none: the campaign's own)
-        self._result: tuple[list[str], PreparedVariants] | None = None
+        self._answer: tuple[str, Any] | None = None  # ("ok", result) or ("error", exc)
 
     @classmethod
     def start(cls, settings: Settings, slug: str, segments: Sequence[str]) -> CheckRun:
         flags = [f"-W{option}" for option in sys.warnoptions]
-        # Its stderr goes to a file: the answer is read from the pipe as it comes (no
-        # copy of it in full), and a child that writes much on stderr never waits on us.
-        errors = tempfile.TemporaryFile()  # noqa: SIM115  # closed by _finish
-        process = subprocess.Popen(
-            [sys.executable, *flags, "-c", _CHILD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-        )
+        output = tempfile.TemporaryFile()  # noqa: SIM115  # closed once answered
+        errors = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            process = subprocess.Popen(
+                [sys.executable, *flags, "-c", _CHILD],
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=errors,
+            )
+        except OSError as exc:
+            output.close()
+            errors.close()
+            raise MailerError(
+                f"cannot start the check of {slug!r} ({sys.executable}): {exc.strerror or exc}"
+            ) from None
         assert process.stdin is not None
         try:  # small, and read by the child at once: this never waits long
             pickle.dump(list(sys.path), process.stdin)
             pickle.dump((settings, slug, tuple(segments)), process.stdin)
         except OSError:
-            pass  # the child died at start: ``result`` says why
+            pass  # the child died at start: ``wait`` says why
         finally:
             process.stdin.close()
-            process.stdin = None  # sent: ``communicate`` only reads
-        return cls(process, slug, tuple(segments), errors)
+        return cls(process, slug, tuple(segments), output, errors)
+
+    def wait(self) -> None:
+        """Wait for the child to end and read its answer; what it says waits for
+        ``result``."""
+        if self._answer is not None:
+            return
+        self._process.wait()
+        try:
+            self._output.seek(0)
+            self._answer = pickle.load(self._output)
+        except Exception:  # no answer: say what the child said
+            self._errors.seek(0)
+            said = self._errors.read().decode("utf-8", "replace").strip().splitlines()
+            why = said[-1][:300] if said else f"exit status {self._process.returncode}"
+            self._answer = ("error", MailerError(f"the check of {self.slug!r} stopped: {why}"))
+        finally:
+            self._output.close()
+            self._errors.close()
 
     def result(self) -> tuple[list[str], PreparedVariants]:
         """The problems and the prepared variants; raises what the check raised, or a
         ``MailerError`` when the child did not answer."""
-        if self._result is None:
-            assert self._process.stdout is not None
-            try:
-                status, payload = pickle.load(self._process.stdout)
-            except Exception:  # no answer: say what the child said
-                self._process.kill()
-                said = self._finish().decode("utf-8", "replace").strip().splitlines()
-                why = said[-1][:300] if said else f"exit status {self._process.returncode}"
-                raise MailerError(f"the check of {self.slug!r} stopped: {why}") from None
-            self._finish()
-            if status == "error":
-                raise payload
-            self._result = payload
-        return self._result
-
-    def _finish(self) -> bytes:
-        """Reap the child; what it wrote on stderr."""
-        self._process.communicate()  # closes its pipe, waits for it
-        self._errors.seek(0)
-        said = self._errors.read()
-        self._errors.close()
-        return said
+        self.wait()
+        assert self._answer is not None
+        status, payload = self._answer
+        if status == "error":
+            raise payload
+        result: tuple[list[str], PreparedVariants] = payload
+        return result
 
     def cancel(self) -> None:
-        """Stop the child if it still runs (the send went no further than its preview)."""
-        if self._process.returncode is None:
+        """Stop the child if it still runs (the send went no further)."""
+        if self._answer is None:
             self._process.kill()
-            self._finish()
+            self.wait()
 
 
 def _child_main() -> None:
