@@ -32,12 +32,16 @@ from enum import Enum
 from typing import Any, Protocol
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Connection,
+    Integer,
     Select,
     and_,
+    any_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     or_,
@@ -615,9 +619,16 @@ class DeliveryLog:
                 ids.extend(s.scalars(query.limit(limit - len(ids))).all())
             if not ids:
                 return []
+            # PostgreSQL: one array parameter, not an IN list of up to ``limit`` (a new
+            # statement to parse and plan for every length).
+            claimed = (
+                Delivery.id == any_(cast(bindparam("b_ids", ids), ARRAY(Integer)))
+                if self._pg
+                else Delivery.id.in_(ids)
+            )
             s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_(ids))
+                .where(claimed)
                 .values(worker_id=self.worker_id, lease_expires_at=lease)
                 .execution_options(synchronize_session=False)
             )
@@ -636,7 +647,7 @@ class DeliveryLog:
                     Delivery.first_attempt_at,
                 )
                 .outerjoin(Recipient, Recipient.id == Delivery.recipient_id)
-                .where(Delivery.id.in_(ids))
+                .where(claimed)
                 .order_by(Delivery.id)
             ).all()
         order = {delivery_id: i for i, delivery_id in enumerate(ids)}
