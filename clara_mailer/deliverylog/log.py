@@ -813,6 +813,8 @@ class _PlannedInsert:
             tables.deliveries
         ).on_conflict_do_nothing(index_elements=["campaign_id", "recipient_id"])
         self.statement = DriverStatement(statement, conn.dialect, _PLANNED_COLUMNS)
+        #: PostgreSQL: the chunk as one INSERT ... SELECT FROM unnest (``_PLANNED_SET``).
+        self.set_based = conn.dialect.name == "postgresql"
 
     def write(
         self,
@@ -839,7 +841,26 @@ class _PlannedInsert:
                 }
             )
         shared = {"campaign_id": campaign_id, "segment": segment, "attempts": 0, "created_at": now}
-        self.statement.execute(conn, rows, shared)
+        if self.set_based and rows:
+            conn.exec_driver_sql(_PLANNED_SET, {**_as_arrays(rows), **shared})
+        else:
+            self.statement.execute(conn, rows, shared)
+
+
+#: PostgreSQL: ``_PlannedInsert``'s statement for a whole chunk at once, the rows' own
+#: values as arrays in the members' order (the ids ascend with it, as row by row); a
+#: member already planned is left alone, as by ON CONFLICT DO NOTHING row by row.
+_PLANNED_SET = (
+    "INSERT INTO deliveries (campaign_id, recipient_id, email, segment, language, status, "
+    "smtp_reply, attempts, created_at) "
+    "SELECT %(campaign_id)s, v.recipient_id, v.email, %(segment)s, v.language, v.status, "
+    "v.smtp_reply, %(attempts)s, %(created_at)s "
+    "FROM unnest(%(recipient_id)s::integer[], %(email)s::varchar[], %(language)s::varchar[], "
+    "%(status)s::varchar[], %(smtp_reply)s::text[]) WITH ORDINALITY "
+    "AS v(recipient_id, email, language, status, smtp_reply, n) "
+    "ORDER BY v.n "
+    "ON CONFLICT (campaign_id, recipient_id) DO NOTHING"
+)
 
 
 def segment_ids(s: Session, slugs: Sequence[str]) -> list[tuple[int, str]]:
