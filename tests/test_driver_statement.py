@@ -119,3 +119,155 @@ def test_a_missing_parameter_is_refused_before_anything_is_written(
         with pytest.raises(ValueError, match="b_now"):
             statement.execute(conn, [{"b_id": ids[0], "b_mid": "<m@clara.example>"}])
     assert _stored(db, ids) == before
+
+
+# -- PostgreSQL's set-based updates ------------------------------------------------------
+# On PostgreSQL ``DeliveryLog.mark_sending`` and ``record`` write a batch with one UPDATE
+# ... FROM unnest(arrays) (``log._MARK_SENDING_SET``, ``log._RECORD_SET``); on SQLite
+# they run the per-row statements. Either way the stored values must be what SQLAlchemy's
+# own execute of the per-row statement writes, rows that must be left alone included.
+
+#: Replies an array literal could mangle: quotes, braces, commas, backslashes, the word
+#: NULL, an empty string, non-ASCII.
+AWKWARD = ['5.1.1 "no" {such}, user', "NULL", "", "back\\slash", "4.2.2 Ñandú"]
+
+
+def _twin_rows(db: Database, signer: Any, count: int) -> tuple[list[int], list[int]]:
+    """``count`` planned rows and as many twins, each pair in the same state: some queued
+    and leased, a retry (attempts, first attempt, a Message-ID already), and rows that a
+    result must not touch (sent, failed, skipped, bounced)."""
+    ids = _planned(db, signer, 2 * count)
+    ours, twins = ids[:count], ids[count:]
+    states: list[dict[str, Any]] = [
+        {"worker_id": "h:1:w", "lease_expires_at": ODD},
+        {
+            "status": Status.DEFERRED.value,
+            "attempts": 2,
+            "first_attempt_at": WHOLE,
+            "message_id": "<old@clara.example>",
+            "next_attempt_at": ODD,
+        },
+        {"status": Status.SENT.value, "attempts": 1, "sent_at": WHOLE, "smtp_code": 250},
+        {"status": Status.FAILED.value, "attempts": 1, "smtp_reply": "5.0.0 no"},
+        {"status": Status.SKIPPED.value, "smtp_reply": "suppressed: manual"},
+        {"status": Status.BOUNCED.value, "attempts": 1, "sent_at": ODD},
+        {"status": Status.UNKNOWN.value, "attempts": 1, "first_attempt_at": ODD},
+        {"status": Status.SENDING.value, "worker_id": "h:1:w", "lease_expires_at": WHOLE},
+    ]
+    with db.engine.begin() as conn:
+        for n, (a, b) in enumerate(zip(ours, twins, strict=True)):
+            values = states[n % len(states)]
+            conn.execute(update(Delivery).where(Delivery.id.in_([a, b])).values(**values))
+    return ours, twins
+
+
+def _outcome_sets(ids: list[int]) -> list[dict[str, Any]]:
+    """``_RECORD``'s parameter sets for ``ids``: every kind of outcome, None and awkward
+    values, attempts counted and not."""
+    sets = []
+    for n, i in enumerate(ids):
+        status = [Status.SENT, Status.DEFERRED, Status.FAILED, Status.SKIPPED, Status.UNKNOWN][
+            n % 5
+        ]
+        at = (WHOLE, ODD)[n % 2]
+        sets.append(
+            {
+                "b_id": i,
+                "b_status": status,
+                "b_code": None if n % 3 == 0 else 250 + n,
+                "b_reply": AWKWARD[n % len(AWKWARD)],
+                "b_at": at,
+                "b_next": ODD if status == Status.DEFERRED else None,
+                "b_inc": 0 if status == Status.SKIPPED else 1,
+                "b_sent": at if status == Status.SENT else None,
+            }
+        )
+    return sets
+
+
+def _as_records(sets: list[dict[str, Any]]) -> list[log.Record]:
+    return [
+        log.Record(
+            delivery_id=p["b_id"],
+            status=p["b_status"],
+            code=p["b_code"],
+            reply=p["b_reply"],
+            at=p["b_at"],
+            next_attempt_at=p["b_next"],
+            counts_attempt=bool(p["b_inc"]),
+        )
+        for p in sets
+    ]
+
+
+def _per_row_statements_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the per-row statements ``DeliveryLog`` runs from now on."""
+    used: list[str] = []
+    original = DeliveryLog._statement
+
+    def spy(self: DeliveryLog, name: str, statement: Any) -> DriverStatement:
+        used.append(name)
+        return original(self, name, statement)
+
+    monkeypatch.setattr(DeliveryLog, "_statement", spy)
+    return used
+
+
+def test_record_writes_what_the_per_row_statement_writes(
+    db: Database, signer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, twins = _twin_rows(db, signer, 24)
+    used = _per_row_statements_used(monkeypatch)
+    sets = _outcome_sets(ours)
+    DeliveryLog(db, 1).record(_as_records(sets))
+    with db.engine.begin() as conn:
+        conn.execute(
+            log._RECORD, [{**p, "b_id": twin} for p, twin in zip(sets, twins, strict=True)]
+        )
+    assert _stored(db, ours) == _stored(db, twins)
+    assert used == ([] if db.dialect == "postgresql" else ["record"])
+    with db.engine.connect() as conn:
+        statuses = dict(conn.execute(select(Delivery.id, Delivery.status)).all())
+    # Rows no longer writable kept their state; the others took their outcome.
+    assert statuses[ours[2]] == Status.SENT and statuses[ours[4]] == Status.SKIPPED
+    assert statuses[ours[0]] == Status.SENT and statuses[ours[1]] == Status.DEFERRED
+
+
+def test_record_with_a_repeated_row_writes_what_the_per_row_statement_writes(
+    db: Database, signer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An UPDATE ... FROM changes a row once: a batch naming a row twice runs per row, the
+    # second result over the first (attempts counted twice), as SQLAlchemy's does.
+    ours, twins = _twin_rows(db, signer, 2)
+    used = _per_row_statements_used(monkeypatch)
+    first, second = _outcome_sets([ours[0], ours[0]])[1], _outcome_sets([ours[0]])[0]
+    sets = [first, second, _outcome_sets([ours[1]])[0]]
+    DeliveryLog(db, 1).record(_as_records(sets))
+    twin_of = dict(zip(ours, twins, strict=True))
+    with db.engine.begin() as conn:
+        conn.execute(log._RECORD, [{**p, "b_id": twin_of[p["b_id"]]} for p in sets])
+    assert _stored(db, ours) == _stored(db, twins)
+    assert used == ["record"]
+    with db.engine.connect() as conn:
+        assert conn.scalar(select(Delivery.attempts).where(Delivery.id == ours[0])) == 2
+
+
+def test_mark_sending_writes_what_the_per_row_statement_writes(
+    db: Database, signer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, twins = _twin_rows(db, signer, 16)
+    monkeypatch.setattr(log, "utcnow", lambda: ODD)
+    used = _per_row_statements_used(monkeypatch)
+    entries = [(i, f"<{n}.{AWKWARD[n % 5]}@clara.example>", f"h{n}") for n, i in enumerate(ours)]
+    assert DeliveryLog(db, 1).mark_sending(entries, "newsletter") == {}
+    with db.engine.begin() as conn:
+        sets = [
+            {"b_id": twin, "b_mid": mid, "b_now": ODD}
+            for (_, mid, _), twin in zip(entries, twins, strict=True)
+        ]
+        conn.execute(log._MARK_SENDING, sets)
+    assert _stored(db, ours) == _stored(db, twins)
+    assert used == ([] if db.dialect == "postgresql" else ["mark_sending"])
+    with db.engine.connect() as conn:
+        statuses = set(conn.scalars(select(Delivery.status).where(Delivery.id.in_(ours))))
+    assert statuses == {Status.SENDING}

@@ -212,6 +212,47 @@ def test_planned_rows_are_stored_as_sqlalchemy_stores_them(db: Database) -> None
     assert {row[5] for row in ours} == {"queued", "skipped"}
 
 
+def test_the_set_based_plan_insert_stores_what_the_per_row_insert_stores(db: Database) -> None:
+    """PostgreSQL plans a chunk with one INSERT ... SELECT FROM unnest: the same values
+    as row by row, ids ascending in the members' order, and a member planned already is
+    left alone (ON CONFLICT DO NOTHING), its row unchanged."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite inserts row by row")
+    add_recipients(db, 6, language="en")
+    first = open_campaign(db, CAMPAIGN, "newsletter", "0" * 64)
+    second = open_campaign(db, "invitation-2022-02", "invitation", "0" * 64)
+    now = dt.datetime(2022, 1, 20, 9, 0, 0, 7)
+    with db.session() as s:
+        conn = s.connection()
+        members = conn.execute(
+            select(Recipient.id, Recipient.email, Recipient.language).order_by(Recipient.id.desc())
+        ).all()
+        reasons = {members[1].id: "manual", members[4].id: 'hard "bounce", {x}'}
+        for campaign_id, set_based in ((first, True), (second, False)):
+            planned = log._PlannedInsert(conn)
+            planned.set_based = set_based
+            # One member planned already, under another segment: it must stay as it is.
+            planned.write(conn, campaign_id, "ngos", members[2:3], {}, now)
+            planned.write(conn, campaign_id, "local-police", members, reasons, now)
+        columns = ", ".join(c for c in log._PLANNED_COLUMNS if c != "campaign_id")
+        stored = {
+            campaign_id: conn.exec_driver_sql(
+                f"SELECT {columns} FROM deliveries WHERE campaign_id = {campaign_id} ORDER BY id"
+            ).all()
+            for campaign_id in (first, second)
+        }
+    assert stored[first] == stored[second]
+    assert [row[0] for row in stored[first]] == [members[2].id] + [
+        m.id for m in members if m.id != members[2].id
+    ]
+    assert stored[first][0][2] == "ngos"
+    assert {row[5] for row in stored[first]} == {
+        None,
+        "suppressed: manual",
+        'suppressed: hard "bounce", {x}',
+    }
+
+
 @pytest.mark.parametrize("where", [(), ("language=en",)])
 def test_without_suppressions_the_preview_counts_what_the_commit_writes(
     db: Database, settings: Settings, small_chunks: None, where: tuple[str, ...]

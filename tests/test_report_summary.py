@@ -177,7 +177,24 @@ def test_the_partial_index_conditions_are_migration_0005s() -> None:
     assert migration.PROBLEMS == tables.PROBLEMS
     tables.declare_partial_indexes()
     with_where = {i.name: i for i in D.indexes if i.dialect_options["sqlite"]["where"] is not None}
-    assert set(with_where) == {"ix_deliveries_unsent", "ix_deliveries_problems"}
+    assert set(with_where) == {"ix_deliveries_unsent", "ix_deliveries_problems", *tables.SET_ONLY}
     assert str(text(tables.UNSENT)) in str(
         with_where["ix_deliveries_unsent"].dialect_options["sqlite"]["where"]
     )
+
+
+def test_the_set_only_indexes_are_migration_0006s() -> None:
+    path = Path(__file__).parents[1] / "migrations" / "versions" / "0006_partial_send_indexes.py"
+    spec = importlib.util.spec_from_file_location("migration_0006", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert {name: (list(columns), columns[-1]) for name, columns in tables.SET_ONLY.items()} == (
+        migration.INDEXES
+    )
+    tables.declare_partial_indexes()
+    for name, columns in tables.SET_ONLY.items():
+        index = next(i for i in D.indexes if i.name == name)
+        assert [c.name for c in index.columns] == list(columns)
+        for dialect in ("sqlite", "postgresql"):
+            assert str(index.dialect_options[dialect]["where"]) == f"{columns[-1]} IS NOT NULL"

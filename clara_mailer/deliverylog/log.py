@@ -33,16 +33,21 @@ import socket
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Connection,
+    Integer,
     Row,
     Select,
     and_,
+    any_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     or_,
@@ -184,6 +189,45 @@ _RECORD = (
         lease_expires_at=None,
     )
 )
+
+#: PostgreSQL: ``_MARK_SENDING`` and ``_RECORD`` as one set-based UPDATE per batch, each
+#: row's values in parallel arrays joined by ``unnest``: one statement instead of one a
+#: row (about a third less server CPU per row). The same SET and WHERE, term for term; a
+#: test compares the stored values with the per-row statements'. ``id`` must not repeat
+#: in a batch (an UPDATE ... FROM changes a row once): a batch with a repeated id runs
+#: the per-row statement instead.
+_MARK_SENDING_SET = (
+    f"UPDATE deliveries AS d SET status = '{Status.SENDING.value}', message_id = v.mid, "
+    "last_attempt_at = %(b_now)s "
+    "FROM unnest(%(b_id)s::integer[], %(b_mid)s::varchar[]) AS v(id, mid) "
+    "WHERE d.id = v.id"
+)
+
+_RECORD_SET = (
+    "UPDATE deliveries AS d SET status = v.status, smtp_code = v.code, smtp_reply = v.reply, "
+    "attempts = d.attempts + v.inc, next_attempt_at = v.next, last_attempt_at = v.at, "
+    "first_attempt_at = CASE WHEN v.inc = 1 THEN coalesce(d.first_attempt_at, v.at) "
+    "ELSE d.first_attempt_at END, "
+    "sent_at = coalesce(v.sent, d.sent_at), worker_id = NULL, lease_expires_at = NULL "
+    "FROM unnest(%(b_id)s::integer[], %(b_status)s::varchar[], %(b_code)s::integer[], "
+    "%(b_reply)s::text[], %(b_inc)s::integer[], %(b_next)s::timestamp[], "
+    "%(b_at)s::timestamp[], %(b_sent)s::timestamp[]) "
+    "AS v(id, status, code, reply, inc, next, at, sent) "
+    "WHERE d.id = v.id AND d.status IN ({})".format(", ".join(f"'{st.value}'" for st in _WRITABLE))
+)
+
+
+def _as_arrays(sets: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Parameter sets (name -> value) as one list per name, for ``unnest``; enum members
+    as their plain values, as the per-row statements' bind processors write them."""
+    return {
+        name: [str(row[name]) if isinstance(row[name], Enum) else row[name] for row in sets]
+        for name in sets[0]
+    }
+
+
+def _unique_ids(sets: Sequence[dict[str, Any]]) -> bool:
+    return len({row["b_id"] for row in sets}) == len(sets)
 
 
 #: What a row settled from a dead worker's journal says.
@@ -573,9 +617,16 @@ class DeliveryLog:
                 ids.extend(conn.scalars(query.limit(limit - len(ids))).all())
             if not ids:
                 return []
+            # PostgreSQL: one array parameter, not an IN list of up to ``limit`` (a new
+            # statement to parse and plan for every length).
+            claimed = (
+                Delivery.id == any_(cast(bindparam("b_ids", ids), ARRAY(Integer)))
+                if self._pg
+                else Delivery.id.in_(ids)
+            )
             conn.execute(
                 update(tables.deliveries)
-                .where(Delivery.id.in_(ids))
+                .where(claimed)
                 .values(worker_id=self.worker_id, lease_expires_at=lease)
             )
             rows = conn.execute(
@@ -593,7 +644,7 @@ class DeliveryLog:
                     Delivery.first_attempt_at,
                 )
                 .outerjoin(tables.recipients, Recipient.id == Delivery.recipient_id)
-                .where(Delivery.id.in_(ids))
+                .where(claimed)
                 .order_by(Delivery.id)
             ).all()
         order = {delivery_id: i for i, delivery_id in enumerate(ids)}
@@ -651,7 +702,10 @@ class DeliveryLog:
             params = [
                 {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
             ]
-            if params:
+            if params and self._pg and _unique_ids(params):
+                ids, mids = [p["b_id"] for p in params], [p["b_mid"] for p in params]
+                conn.exec_driver_sql(_MARK_SENDING_SET, {"b_id": ids, "b_mid": mids, "b_now": now})
+            elif params:
                 self._statement("mark_sending", _MARK_SENDING).execute(conn, params)
         return suppressed
 
@@ -673,7 +727,10 @@ class DeliveryLog:
             for o in outcomes
         ]
         with self.db.engine.begin() as conn:
-            self._statement("record", _RECORD).execute(conn, params)
+            if self._pg and _unique_ids(params):
+                conn.exec_driver_sql(_RECORD_SET, _as_arrays(params))
+            else:
+                self._statement("record", _RECORD).execute(conn, params)
 
     # -- the campaign's progress ----------------------------------------------------------
 
@@ -760,6 +817,8 @@ class _PlannedInsert:
             tables.deliveries
         ).on_conflict_do_nothing(index_elements=["campaign_id", "recipient_id"])
         self.statement = DriverStatement(statement, conn.dialect, _PLANNED_COLUMNS)
+        #: PostgreSQL: the chunk as one INSERT ... SELECT FROM unnest (``_PLANNED_SET``).
+        self.set_based = conn.dialect.name == "postgresql"
 
     def write(
         self,
@@ -786,7 +845,26 @@ class _PlannedInsert:
                 }
             )
         shared = {"campaign_id": campaign_id, "segment": segment, "attempts": 0, "created_at": now}
-        self.statement.execute(conn, rows, shared)
+        if self.set_based and rows:
+            conn.exec_driver_sql(_PLANNED_SET, {**_as_arrays(rows), **shared})
+        else:
+            self.statement.execute(conn, rows, shared)
+
+
+#: PostgreSQL: ``_PlannedInsert``'s statement for a whole chunk at once, the rows' own
+#: values as arrays in the members' order (the ids ascend with it, as row by row); a
+#: member already planned is left alone, as by ON CONFLICT DO NOTHING row by row.
+_PLANNED_SET = (
+    "INSERT INTO deliveries (campaign_id, recipient_id, email, segment, language, status, "
+    "smtp_reply, attempts, created_at) "
+    "SELECT %(campaign_id)s, v.recipient_id, v.email, %(segment)s, v.language, v.status, "
+    "v.smtp_reply, %(attempts)s, %(created_at)s "
+    "FROM unnest(%(recipient_id)s::integer[], %(email)s::varchar[], %(language)s::varchar[], "
+    "%(status)s::varchar[], %(smtp_reply)s::text[]) WITH ORDINALITY "
+    "AS v(recipient_id, email, language, status, smtp_reply, n) "
+    "ORDER BY v.n "
+    "ON CONFLICT (campaign_id, recipient_id) DO NOTHING"
+)
 
 
 def segment_ids(conn: Connection | Session, slugs: Sequence[str]) -> list[tuple[int, str]]:
