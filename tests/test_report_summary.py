@@ -167,12 +167,18 @@ def test_the_report_reads_the_partial_indexes_not_the_log(
         db.dispose()
 
 
-def test_the_partial_index_conditions_are_migration_0005s() -> None:
-    path = Path(__file__).parents[1] / "migrations" / "versions" / "0005_report_summary.py"
-    spec = importlib.util.spec_from_file_location("migration_0005", path)
+def _migration(filename: str) -> Any:
+    """A migration's module, loaded from migrations/versions/ (not a package)."""
+    path = Path(__file__).parents[1] / "migrations" / "versions" / filename
+    spec = importlib.util.spec_from_file_location(f"migration_{filename[:4]}", path)
     assert spec is not None and spec.loader is not None
     migration = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(migration)
+    return migration
+
+
+def test_the_partial_index_conditions_are_migration_0005s() -> None:
+    migration = _migration("0005_report_summary.py")
     assert migration.UNSENT == tables.UNSENT
     assert migration.PROBLEMS == tables.PROBLEMS
     tables.declare_partial_indexes()
@@ -184,11 +190,7 @@ def test_the_partial_index_conditions_are_migration_0005s() -> None:
 
 
 def test_the_set_only_indexes_are_migration_0006s() -> None:
-    path = Path(__file__).parents[1] / "migrations" / "versions" / "0006_partial_send_indexes.py"
-    spec = importlib.util.spec_from_file_location("migration_0006", path)
-    assert spec is not None and spec.loader is not None
-    migration = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(migration)
+    migration = _migration("0006_partial_send_indexes.py")
     assert {name: (list(columns), columns[-1]) for name, columns in tables.SET_ONLY.items()} == (
         migration.INDEXES
     )
