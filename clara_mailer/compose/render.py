@@ -158,7 +158,6 @@ def inline_css(document: str) -> str:
     return str(_premailer()(document, **PREMAILER_OPTIONS).transform())
 
 
-@functools.cache
 def _html_to_text(document: str) -> str:
     """The text part of ``document`` (``textpart``, imported on first use: lxml)."""
     from clara_mailer.compose.textpart import html_to_text
@@ -166,6 +165,7 @@ def _html_to_text(document: str) -> str:
     return html_to_text(document)
 
 
+@functools.cache
 def _premailer() -> Any:
     """premailer's class, imported on first use (lxml, cssutils: ~9 MB). premailer imports
     ``requests`` at its top (urllib3, idna, charset detection: ~6 MB more) only to fetch
