@@ -1,6 +1,7 @@
-"""premailer, as clara-mail runs it, keeps the rules made of a stylesheet from one
-document to the next (``compose.render.SharedRules``): every variant of every shipped
-campaign must come out byte for byte as premailer itself inlines it."""
+"""premailer, as clara-mail runs it, keeps the rules made of a stylesheet (and the text of
+those left in ``<style>``) from one document to the next (``compose.render.SharedRules``):
+every variant of every shipped campaign must come out byte for byte as premailer itself
+inlines it."""
 
 from __future__ import annotations
 
