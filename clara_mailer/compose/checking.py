@@ -7,12 +7,12 @@ inlined (premailer, with lxml and cssutils): work done once, whose imports and g
 one), which hands back the problems and every prepared variant the send can meet; the
 sending process adopts those variants (``Renderer.adopt``) and never imports premailer.
 ``clara-mail send`` runs the check first thing and waits for it before it loads its
-database layer: the child (~43 MB at its peak) and the sending process (~17 MB by
+database layer: the child (~43 MB at its peak) and the sending process (~18 MB by
 then) together stay under what the sending process later needs alone.
 
-Request and answer go over the child's standard input and output, pickled: the child
-is this program, started by it, reading nothing else. It gets the parent's module path
-first, so both run the same code. The library's ``plan.checked_campaign`` checks in its
+The request goes to the child's standard input and the answer comes back in a file (its
+standard output), pickled: the child is this program, started by it, reading nothing
+else. It gets the parent's module path first, so both run the same code. The library's ``plan.checked_campaign`` checks in its
 own process when it is given no ``CheckRun`` (the web app, scheduled sends, tests).
 """
 
