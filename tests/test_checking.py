@@ -119,13 +119,6 @@ def test_a_check_that_cannot_start_is_one_line(
     )
 
 
-def test_a_cancelled_check_leaves_no_process() -> None:
-    run = CheckRun.start(SETTINGS, "newsletter-2022-01", ())
-    run.cancel()
-    assert run._process.returncode is not None
-    run.cancel()  # twice is harmless
-
-
 def test_a_send_never_loads_the_css_inliner(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:

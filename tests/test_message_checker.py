@@ -18,7 +18,6 @@ from clara_mailer.transport.base import (
     bad_line_endings,
     dot_stuff,
     is_ascii,
-    message_bytes,
     prepare_envelope,
 )
 
@@ -36,7 +35,7 @@ def _wire_view(message: Message) -> tuple[object, ...]:
 
 
 def _as_plain(message: Message) -> tuple[object, ...]:
-    return _wire_view(message_bytes(message))  # plain bytes: every scan runs on them
+    return _wire_view(bytes(message))  # plain bytes: every scan runs on them
 
 
 @pytest.mark.parametrize(
@@ -60,7 +59,7 @@ def test_checked_only_when_every_line_end_is_crlf(parts: list[bytes], checked: b
     checker = MessageChecker()
     for _ in range(2):  # the second time from the kept verdicts
         joined = checker.join(parts)
-        assert message_bytes(joined) == b"".join(parts)
+        assert bytes(joined) == b"".join(parts)
         assert isinstance(joined, CheckedMessage) is checked
         assert _wire_view(joined) == _as_plain(joined)
 
@@ -95,7 +94,7 @@ def test_random_parts_go_out_as_their_bytes() -> None:
     for _ in range(400):
         parts = random_parts(rng, pieces, shared, 0.3, 12, 1)
         joined = checker.join(parts)
-        assert message_bytes(joined) == b"".join(parts)
+        assert bytes(joined) == b"".join(parts)
         assert _wire_view(joined) == _as_plain(joined), parts
         seen[isinstance(joined, CheckedMessage)] += 1
         if isinstance(joined, CheckedMessage):
@@ -132,4 +131,4 @@ def test_a_checked_message_holds_its_shared_parts_not_a_copy() -> None:
     assert isinstance(first, CheckedMessage) and isinstance(second, CheckedMessage)
     assert first.parts[1] is LONG and second.parts[1] is LONG
     assert first.wire[1] is second.wire[1]  # stuffed once, shared
-    assert len(first) == len(message_bytes(first))
+    assert bytes(first) == b"".join(first.parts)

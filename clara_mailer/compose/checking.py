@@ -141,12 +141,6 @@ class CheckRun:
         result: tuple[list[str], PreparedVariants] = payload
         return result
 
-    def cancel(self) -> None:
-        """Stop the child if it still runs (the send went no further)."""
-        if self._answer is None:
-            self._process.kill()
-            self.wait()
-
 
 def _child_main() -> None:
     request: tuple[Settings, str, tuple[str, ...]] = pickle.load(sys.stdin.buffer)

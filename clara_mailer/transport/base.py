@@ -178,17 +178,9 @@ class CheckedMessage:
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)
 
-    def __len__(self) -> int:
-        return sum(map(len, self.parts))
-
 
 #: What a connection sends: the message's bytes, or the parts ``MessageChecker`` checked.
 Message = bytes | CheckedMessage
-
-
-def message_bytes(message: Message) -> bytes:
-    """The message as one ``bytes`` (a ``CheckedMessage`` joined)."""
-    return message if isinstance(message, bytes) else bytes(message)
 
 
 def is_ascii(message: Message) -> bool:

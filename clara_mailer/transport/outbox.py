@@ -20,7 +20,6 @@ from clara_mailer.transport.base import (
     Message,
     SendResult,
     classify,
-    message_bytes,
     prepare_envelope,
 )
 
@@ -67,7 +66,7 @@ class OutboxConnection(Connection):
         # One file per message: a resend of the same delivery (same Message-ID) replaces
         # its file. Write-then-rename so a reader never sees half a message (no fsync: a dry run
         # does not need to survive a power cut, and fsync would cost milliseconds).
-        data = message_bytes(message)
+        data = bytes(message)  # a CheckedMessage joined; plain bytes as they are
         target = self.directory / outbox_filename(recipient, message_id_of(data))
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
@@ -154,7 +153,7 @@ class MemoryConnection(Connection):
         else:
             result = SendResult(Outcome.SENT, 250, "2.0.0 OK (kept in memory)")
         if result.outcome in (Outcome.SENT, Outcome.UNKNOWN):
-            self._transport.sent.append((envelope_from, recipient, message_bytes(message)))
+            self._transport.sent.append((envelope_from, recipient, bytes(message)))
         return result
 
     async def close(self) -> None:
