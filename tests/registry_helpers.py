@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Recipient, Segment, recipient_segments
@@ -67,3 +67,14 @@ def members_of(db: Database, slug: str) -> list[str]:
 def recipient(db: Database, address: str) -> Recipient | None:
     with db.session() as s:
         return s.scalars(select(Recipient).where(Recipient.email_key == address.casefold())).first()
+
+
+def membership_keys(db: Database) -> list[tuple[int, str, str, bool]]:
+    """PostgreSQL: the membership table's foreign keys, as (oid, name, definition,
+    validated), by name. A key dropped and added back has a new oid."""
+    query = text(
+        "SELECT oid::int, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+        "WHERE conrelid = 'recipient_segments'::regclass AND contype = 'f' ORDER BY conname"
+    )
+    with db.engine.connect() as conn:
+        return [(oid, name, definition, ok) for oid, name, definition, ok in conn.execute(query)]

@@ -21,11 +21,12 @@ from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.mailer import Mailer
 from clara_mailer.optouts import suppressions
+from clara_mailer.registry import importer
 from clara_mailer.registry.importer import ImportOptions, ImportReport
 from clara_mailer.store.database import Database, open_database
 
 from .conftest import LEGAL_FOOTER, PG_URL, TEST_SECRET, _new_postgres_database
-from .registry_helpers import registry_state, write
+from .registry_helpers import membership_keys, registry_state, write
 
 HEADER = "email;name;organisation;segment;language;country;consent basis;source\n"
 #: Known before the tricky file: one to gain a segment, one to be updated, one unchanged.
@@ -173,19 +174,31 @@ def test_sqlite_path_on_the_tricky_file(sqlite_result: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs CLARA_TEST_POSTGRES_URL")
+@pytest.mark.parametrize("bulk", [False, True], ids=["checked-by-row", "checked-in-bulk"])
 def test_postgresql_copy_path_gives_the_same_registry(
-    sqlite_result: dict[str, Any], tmp_path: Path
+    sqlite_result: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk: bool
 ) -> None:
+    """Both ways PostgreSQL checks the memberships' foreign keys: row by row (small files)
+    and, for a large file, by dropping the keys and adding them back (here the threshold
+    is lowered so that these small files take that way)."""
+    if bulk:
+        monkeypatch.setattr(importer, "_BULK_ROWS", 1)
     url, drop = _new_postgres_database()
     try:
         settings = _settings(url, tmp_path)
         db = open_database(settings)
         try:
+            before = membership_keys(db)
             postgresql_result = _import_both_files(db, settings, tmp_path / "pg")
+            after = membership_keys(db)
         finally:
             db.dispose()
     finally:
         drop()
+    # The same keys either way; re-created (new oids) only when checked in bulk.
+    assert [key[1:] for key in after] == [key[1:] for key in before]
+    assert len(before) == 2 and all(validated for *_, validated in after)
+    assert ({key[0] for key in after} != {key[0] for key in before}) is bulk
     assert postgresql_result["report"] == sqlite_result["report"]
     assert postgresql_result["state"] == sqlite_result["state"]
     assert postgresql_result["rejects"] == sqlite_result["rejects"]
