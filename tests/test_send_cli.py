@@ -18,7 +18,7 @@ from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery
 from tests.conftest import settings_env
 from tests.send_helpers import add_recipients, start_sender
-from tests.smtp_server import RecordingSMTPServer
+from tests.smtp_server import Faults, RecordingSMTPServer
 
 Cli = Callable[..., Result]
 
@@ -120,6 +120,40 @@ def test_ctrl_c_finishes_in_flight_records_and_exits_130(
     assert sent == received
     assert {status for _, status, _ in rows} == {"sent", "queued"}
     assert all(worker is None for _, _, worker in rows)
+
+
+def test_ctrl_c_at_full_speed_gives_back_the_batch_claimed_ahead(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """Without --rate or --limit the sender claims its next batch while it renders the
+    last group of the one before: interrupted, it gives those rows back too (queued, no
+    lease), and the next run sends everyone left, each once. (Whether a batch is claimed
+    ahead at the moment of the interrupt depends on timing: two interrupted runs.)"""
+    addresses = add_recipients(db, 600)
+    args = ("newsletter-2022-01", "--segment", "local-police", "--yes")
+    batches = {"CLARA_CLAIM_BATCH": "64"}  # claims of 64 rows: several in a run
+    # Every reply 5 ms late: a run is still going when it is interrupted.
+    with RecordingSMTPServer(faults=Faults(p_slow=1.0, slow_seconds=0.005)) as server:
+        for _ in range(2):
+            before = len(server.messages)
+            sender = start_sender(settings, server.url(), tmp_path, *args, env=batches)
+            deadline = time.monotonic() + 60
+            while len(server.messages) < before + 100:  # past the first batch
+                assert time.monotonic() < deadline and sender.poll() is None
+                time.sleep(0.005)
+            sender.send_signal(signal.SIGINT)
+            _, err = sender.communicate(timeout=60)
+            assert sender.returncode == 130, err.decode()
+            with db.session() as s:
+                rows = s.execute(select(Delivery.status, Delivery.worker_id)).all()
+            assert {status for status, _ in rows} == {"sent", "queued"}
+            assert all(worker is None for _, worker in rows)
+            assert sum(status == "sent" for status, _ in rows) == len(server.messages) < 600
+        last = start_sender(settings, server.url(), tmp_path, *args, env=batches)
+        _, err = last.communicate(timeout=120)
+        assert last.returncode == 0, err.decode()
+        received = [r for m in server.messages for r in m.recipients]
+    assert sorted(received) == sorted(addresses)  # everyone, once
 
 
 def test_processes_share_the_campaign_and_send_each_message_once(

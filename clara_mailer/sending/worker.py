@@ -175,10 +175,18 @@ class _Worker:
         # (``depth`` groups when signing), the next group is rendered here; a group is
         # handed to the connections only once its commit is done.
         committing: deque[_Group] = deque()
+        # At full speed (no --limit, no --rate) the next batch is claimed while the last
+        # group of this one is rendered: a claim takes the database thread ~10 ms, and
+        # the connections drained their queue waiting for it (~160 times in a
+        # 20,000-message send, ~1 s a connection).
+        ahead: asyncio.Future[list[ClaimedRow]] | None = None
         try:
             while not self.stopping.is_set():
                 if limit is not None and self.handed >= limit:
                     break
+                if not claimed and ahead is not None:
+                    rows, ahead = await ahead, None
+                    claimed.extend(rows)
                 if not claimed:
                     while committing:
                         await self._hand_over(committing.popleft(), rate)
@@ -204,11 +212,18 @@ class _Worker:
                     if take <= 0:
                         break
                 committing.append(self._render_group([claimed.popleft() for _ in range(take)]))
+                if len(claimed) <= take and ahead is None and limit is None and not rate:
+                    # After this group's commit on the database thread, not before it.
+                    ahead = asyncio.ensure_future(
+                        self._db(self.log.claim, batch, self.settings.lease_seconds)
+                    )
                 while len(committing) > self.depth:
                     await self._hand_over(committing.popleft(), rate)
         finally:
             while committing:
                 await self._hand_over(committing.popleft(), rate)
+            if ahead is not None:
+                claimed.extend(await ahead)  # claimed ahead, never rendered: released below
             if claimed:
                 await self._db(self.log.release, [r.id for r in claimed])
             for _ in range(self.concurrency):
