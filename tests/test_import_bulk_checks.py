@@ -8,6 +8,7 @@ back gets a new oid: that is how these tests see which way was taken."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,10 +68,17 @@ def test_a_busy_membership_table_is_checked_row_by_row(url: str, tmp_path: Path)
             # Another session reading the table: the import must not wait for it (nor
             # make it wait); its drop gives up after _BULK_LOCK_WAIT.
             conn.execute(text("LOCK TABLE recipient_segments IN ACCESS SHARE MODE"))
-            assert _import(url, path).added == 20
-            conn.rollback()
+            reports: list[ImportReport] = []
+            importing = threading.Thread(target=lambda: reports.append(_import(url, path)))
+            importing.start()
+            importing.join(timeout=30)
+            waited = importing.is_alive()
+            conn.rollback()  # the lock goes: an import still waiting for it ends now
+            importing.join()
     finally:
         holder.dispose()
+    assert not waited, "the import waited for the table's lock"
+    assert [report.added for report in reports] == [20]
     assert membership_keys(db) == before  # same oids: never dropped
     assert len(members_of(db, "associations")) == 20
     db.dispose()

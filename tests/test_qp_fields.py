@@ -87,7 +87,7 @@ def test_the_text_around_the_fields_is_encoded_once() -> None:
     piece = _Dynamic.of(lines, html=False)
     first = piece.encode(("Ana", "Org", "", "tok1", "", ""))
     second = piece.encode(("Bob", "Other", "", "tok2", "", ""))
-    # The runs are the same objects for every message; only the values differ.
+    # Every message holds the runs as they were encoded once; only the values differ.
     for run in piece.runs:
         assert run in first and run in second
     assert (

@@ -170,7 +170,6 @@ class _Worker:
         batch = max(group_size, self.settings.claim_batch)
         limit = self.options.limit
         rate = self.options.rate
-        last_expire = 0.0
         # Double buffering: while one group's `sending` commits on the database thread
         # (``depth`` groups when signing), the next group is rendered here; a group is
         # handed to the connections only once its commit is done.
@@ -190,13 +189,10 @@ class _Worker:
                 if not claimed:
                     while committing:
                         await self._hand_over(committing.popleft(), rate)
-                    if time.monotonic() - last_expire > 5:
-                        await self._db(self.log.expire_leases, LOCAL_JOURNALS)
-                        last_expire = time.monotonic()
                     want = batch if limit is None else min(batch, limit - self.handed)
                     if rate:
                         want = max(1, min(want, int(rate * 2)))
-                    rows = await self._db(self.log.claim, want, self.settings.lease_seconds)
+                    rows = await self._next_batch(want)
                     if not rows:
                         if not await self._wait_for_more():
                             break
@@ -214,9 +210,7 @@ class _Worker:
                 committing.append(self._render_group([claimed.popleft() for _ in range(take)]))
                 if len(claimed) <= take and ahead is None and limit is None and not rate:
                     # After this group's commit on the database thread, not before it.
-                    ahead = asyncio.ensure_future(
-                        self._db(self.log.claim, batch, self.settings.lease_seconds)
-                    )
+                    ahead = asyncio.ensure_future(self._next_batch(batch))
                 while len(committing) > self.depth:
                     await self._hand_over(committing.popleft(), rate)
         finally:
@@ -228,6 +222,16 @@ class _Worker:
                 await self._db(self.log.release, [r.id for r in claimed])
             for _ in range(self.concurrency):
                 await self.queue.put(None)
+
+    _last_expire = 0.0
+
+    async def _next_batch(self, want: int) -> list[ClaimedRow]:
+        """Claim up to ``want`` rows; every 5 s, first give back what dead workers on this
+        host leased (``expire_leases``), so that this run sends it too."""
+        if time.monotonic() - self._last_expire > 5:
+            await self._db(self.log.expire_leases, LOCAL_JOURNALS)
+            self._last_expire = time.monotonic()
+        return await self._db(self.log.claim, want, self.settings.lease_seconds)
 
     def _group_size(self) -> int:
         """Rows in the next group: one transaction marks them `sending`, re-checking
