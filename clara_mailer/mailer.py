@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the heavier packages are imported by the methods that use t
     from clara_mailer.registry.importer import ImportOptions, ImportProgress, ImportReport
     from clara_mailer.registry.manage import Removal
     from clara_mailer.reporting.report import CampaignReport
+    from clara_mailer.sending.processes import HelperProcesses
     from clara_mailer.sending.worker import ProgressCallback, SendSummary
     from clara_mailer.store.models import Suppression
     from clara_mailer.transport import SendResult, Transport
@@ -255,8 +256,11 @@ class Mailer:
         transport: Transport | None = None,
         progress: ProgressCallback | None = None,
         processes: int = 1,
+        helpers: HelperProcesses | None = None,
         handle_signals: bool = True,
     ) -> SendSummary:
+        """Send ``plan``; with ``processes`` > 1, that many sender processes in all, or
+        those ``start_helpers`` started beside this one (``helpers``)."""
         from clara_mailer.plan.plan import SendOptions
         from clara_mailer.sending.worker import run_send
 
@@ -269,8 +273,17 @@ class Mailer:
             transport=transport,
             progress=progress,
             processes=processes,
+            helpers=helpers,
             handle_signals=handle_signals,
         )
+
+    def start_helpers(self, slug: str, options: SendOptions, count: int) -> HelperProcesses:
+        """Start ``count`` more sender processes for a send of ``slug`` before its plan is
+        written (they load meanwhile); pass them to ``send``. Use as a context manager:
+        leaving it without a send ends them."""
+        from clara_mailer.sending.worker import start_helpers
+
+        return start_helpers(self.settings, self.signer, slug, options, count)
 
     def send_test(
         self,

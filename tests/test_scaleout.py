@@ -194,7 +194,9 @@ def test_a_helper_process_sends_the_variants_its_parent_checked(
     import dataclasses
     import email
     import email.policy
+    import multiprocessing
     import queue as queues
+    import threading
 
     from clara_mailer.sending.worker import _helper_main
 
@@ -210,10 +212,13 @@ def test_a_helper_process_sends_the_variants_its_parent_checked(
     template = templates / CAMPAIGN / "es.html.j2"
     template.write_text(template.read_text().replace("Boletín de resultados", "ZQXCHANGED"))
     updates: queues.Queue[tuple[int, dict[str, int], bool, str | None]] = queues.Queue()
-    _helper_main(
-        0, settings, mailer.signer, CAMPAIGN, plan.campaign_id, plan.segments, options,
-        variants, updates,
-    )  # fmt: skip
+    # What the parent's ``go`` hands a helper, through a pipe as between processes.
+    theirs, ours = multiprocessing.Pipe(duplex=False)
+    go = threading.Thread(target=ours.send, args=((plan.campaign_id, plan.segments, variants),))
+    go.start()
+    _helper_main(0, settings, mailer.signer, CAMPAIGN, options, theirs, updates)
+    go.join()
+    ours.close()
     mailer.close()
     *_, (_, counts, interrupted, error) = [updates.get_nowait() for _ in range(updates.qsize())]
     assert (counts, interrupted, error) == ({"sent": 6}, False, None)

@@ -11,6 +11,7 @@ from clara_mailer.core.vocabulary import Status
 
 if TYPE_CHECKING:  # the sending packages are imported only when a send runs
     from clara_mailer.plan.plan import Plan, SendOptions
+    from clara_mailer.sending.processes import HelperProcesses
     from clara_mailer.sending.worker import Progress as SendProgress
     from clara_mailer.sending.worker import SendSummary
 
@@ -122,11 +123,14 @@ def send_cmd(
     # A send checks the campaign in a process of its own (compose.checking): this one
     # never loads the CSS inliner. It is waited for before this one loads its database
     # layer (the filters below are the first of it), so that the two together stay as
-    # small as this one is later alone.
+    # small as this one is later alone. With --processes N (N > 1) the send's processes
+    # later take N times that together: this one loads its database layer and reads the
+    # registry while the check runs.
     check = None
     if not (cancel_schedule or at is not None or test_to or dry_run):
         check = CheckRun.start(app.settings, campaign, segments)
-        check.wait()
+        if processes == 1:
+            check.wait()
 
     from clara_mailer.plan.filters import parse_filters
     from clara_mailer.plan.plan import SendOptions
@@ -203,8 +207,10 @@ def send_cmd(
         return
     if not yes:
         click.confirm(f"Send {preview.to_send} message(s)?", abort=True)
-    plan = commit_plan(mailer.db, mailer.settings, mailer.signer, preview, options)
-    summary = _run_with_progress(app, plan, options, processes)
+    # The other sender processes load while the plan is written.
+    with mailer.start_helpers(campaign, options, processes - 1) as helpers:
+        plan = commit_plan(mailer.db, mailer.settings, mailer.signer, preview, options)
+        summary = _run_with_progress(app, plan, options, helpers)
     _print_summary(app, summary)
     if summary.interrupted:
         app.err.print("Interrupted: in-flight messages were recorded; run send again to go on.")
@@ -242,7 +248,9 @@ def _print_plan(app: App, plan: Plan) -> None:
     app.out.print(note)
 
 
-def _run_with_progress(app: App, plan: Plan, options: SendOptions, processes: int) -> SendSummary:
+def _run_with_progress(
+    app: App, plan: Plan, options: SendOptions, helpers: HelperProcesses
+) -> SendSummary:
     import time as _time
 
     from rich.progress import (
@@ -268,7 +276,7 @@ def _run_with_progress(app: App, plan: Plan, options: SendOptions, processes: in
                 outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
                 bar.update(task, completed=p.done, total=p.total, rate=p.rate, outcomes=outcomes)
 
-            return app.mailer.send(plan, options, progress=update, processes=processes)
+            return app.mailer.send(plan, options, progress=update, helpers=helpers)
 
     last: list[Any] = [0.0, None]
 
@@ -280,7 +288,7 @@ def _run_with_progress(app: App, plan: Plan, options: SendOptions, processes: in
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(p.counts.items()))
             click.echo(f"{p.done}/{p.total} {p.rate:.0f}/s {outcomes}", err=True)
 
-    return app.mailer.send(plan, options, progress=plain, processes=processes)
+    return app.mailer.send(plan, options, progress=plain, helpers=helpers)
 
 
 def _print_summary(app: App, summary: SendSummary) -> None:

@@ -5,6 +5,13 @@ exactly as workers on other machines do; the helpers report their counts (and an
 if one stops on one) to the parent over a queue, so the progress bar and the summary
 cover all of them.
 
+A helper can be started before the parent writes the plan (``start``): it loads its
+modules and opens the database meanwhile (~0.5 s of a fresh interpreter), then waits on
+its pipe until ``go`` hands it what only the committed plan knows (the campaign's id, its
+segments, the prepared variants), or until the pipe closes (``cancel``: it ends without
+touching anything). ``go`` writes from a thread, so a helper still loading never holds
+up the parent's own sending.
+
 A helper dies with its parent: when ``send`` is killed (kill -9, OOM), a helper that
 carried on would keep sending on its own and run beside the next ``send``. On Linux the
 kernel kills it (``PR_SET_PDEATHSIG``, set first thing in the helper; the parent is
@@ -15,7 +22,9 @@ those of any dead worker (its journal, ``sending.journal``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -83,11 +92,27 @@ def die_with_parent(parent_pid: int, *, pdeathsig: bool = True) -> None:
 
 def _helper_entry(parent_pid: int, target: Callable[..., None], *args: Any) -> None:
     die_with_parent(parent_pid)
+    # A terminal's Ctrl-C reaches the whole process group. Until a helper sends, it
+    # leaves it to the parent, which cancels or stops it; once it sends, it stops
+    # cleanly on its own (``run_send``'s signal handlers replace this).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     target(*args)
 
 
+def wait_for_go(go: Any) -> Any:
+    """In a helper: what the parent's ``go`` sent, or None once the parent cancelled (or
+    is gone)."""
+    try:
+        return go.recv()
+    except (EOFError, OSError):
+        return None
+    finally:
+        go.close()
+
+
 class HelperProcesses:
-    """Extra worker processes running ``target(index, *args, queue)``."""
+    """Extra worker processes running ``target(index, *args, go, queue)``: ``go`` is the
+    helper's end of a pipe (``wait_for_go``), ``queue`` where it reports its counts."""
 
     def __init__(self, target: Callable[..., None], args: tuple[Any, ...], count: int) -> None:
         self.target = target
@@ -98,9 +123,11 @@ class HelperProcesses:
         self.latest: dict[int, Counter[str]] = {}
         self.interrupted = False
         self._queue: Any = None
+        self._pipes: list[Any] = []  # the parent's ends, until go or cancel
+        self._writers: list[threading.Thread] = []
 
     def start(self) -> None:
-        if not self.count:
+        if not self.count or self.processes:
             return
         import multiprocessing
 
@@ -108,13 +135,38 @@ class HelperProcesses:
         self._queue = context.Queue()
         parent = os.getpid()
         for i in range(self.count):
+            theirs, ours = context.Pipe(duplex=False)
             process = context.Process(
                 target=_helper_entry,
-                args=(parent, self.target, i, *self.args, self._queue),
+                args=(parent, self.target, i, *self.args, theirs, self._queue),
                 daemon=False,
             )
             process.start()
+            theirs.close()
             self.processes.append(process)
+            self._pipes.append(ours)
+
+    def go(self, *message: Any) -> None:
+        """Hand every waiting helper ``message``, from a thread (a helper reads it once
+        its modules are loaded)."""
+        payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        pipes, self._pipes = self._pipes, []
+
+        def write(pipe: Any) -> None:
+            with contextlib.suppress(OSError):  # a helper that died says so by its exit
+                pipe.send_bytes(payload)
+            pipe.close()
+
+        for pipe in pipes:
+            writer = threading.Thread(target=write, args=(pipe,), name="clara-helper-go")
+            writer.start()
+            self._writers.append(writer)
+
+    def cancel(self) -> None:
+        """Helpers still waiting for ``go`` end without sending anything."""
+        pipes, self._pipes = self._pipes, []
+        for pipe in pipes:
+            pipe.close()
 
     def _drain(self) -> None:
         if self._queue is None:
@@ -136,8 +188,18 @@ class HelperProcesses:
             total.update(counts)
         return total
 
+    def ready(self) -> int:
+        """How many helpers have loaded and reported (the first report is an empty one,
+        sent before a helper waits for ``go``)."""
+        self._drain()
+        return len(self.latest)
+
     def running(self) -> bool:
         return any(p.is_alive() for p in self.processes)
+
+    def sentinels(self) -> list[int]:
+        """File descriptors that become readable as each helper ends."""
+        return [p.sentinel for p in self.processes if p.is_alive()]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -145,6 +207,15 @@ class HelperProcesses:
                 os.kill(process.pid, signal.SIGTERM)
 
     def join(self) -> None:
+        self.cancel()
         for process in self.processes:
             process.join()
+        for writer in self._writers:
+            writer.join()
         self._drain()
+
+    def __enter__(self) -> HelperProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()

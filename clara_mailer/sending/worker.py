@@ -32,7 +32,7 @@ from clara_mailer.core.vocabulary import Outcome, Status
 from clara_mailer.deliverylog.log import ClaimedRow, DeliveryLog, Record
 from clara_mailer.plan.plan import Plan, SendOptions
 from clara_mailer.sending.journal import LOCAL_JOURNALS, WorkerJournal
-from clara_mailer.sending.processes import HelperProcesses
+from clara_mailer.sending.processes import HelperProcesses, wait_for_go
 from clara_mailer.store.database import Database, open_database
 from clara_mailer.store.tables import utcnow
 from clara_mailer.transport import Connection, SendResult, Transport, transport_from_settings
@@ -589,6 +589,18 @@ def _signing_process(settings: Settings) -> SigningProcess | None:
     return None if signer is None else SigningProcess(signer)
 
 
+def start_helpers(
+    settings: Settings, signer: TokenSigner, slug: str, options: SendOptions, count: int
+) -> HelperProcesses:
+    """Start ``count`` helper processes for a send of ``slug``: they load their modules
+    and open the database now, and wait for ``run_send`` to hand them the committed plan.
+    Started before the plan is written, their start costs the send nothing; leaving the
+    ``with`` block without a send ends them without a trace."""
+    helpers = HelperProcesses(_helper_main, (settings, signer, slug, options), count)
+    helpers.start()
+    return helpers
+
+
 def run_send(
     db: Database,
     settings: Settings,
@@ -600,29 +612,28 @@ def run_send(
     progress: ProgressCallback | None = None,
     handle_signals: bool = True,
     processes: int = 1,
+    helpers: HelperProcesses | None = None,
 ) -> SendSummary:
     """Send what is due for ``plan`` and return what happened.
 
     ``processes`` > 1 starts that many worker processes in all on this machine (this one
     included), sharing the campaign through the delivery log exactly as workers on other
-    machines do; each has ``options.concurrency`` connections. Ctrl-C (SIGINT) or SIGTERM
-    stops claiming, lets in-flight messages finish, records them, and returns with
-    ``interrupted`` set.
+    machines do; each has ``options.concurrency`` connections. ``helpers``: those extra
+    processes, already started by ``start_helpers`` (then ``processes`` is ignored).
+    Ctrl-C (SIGINT) or SIGTERM stops claiming, lets in-flight messages finish, records
+    them, and returns with ``interrupted`` set.
     """
-    if processes > 1 and transport is not None:
+    if helpers is None:
+        helpers = HelperProcesses(
+            _helper_main, (settings, signer, plan.campaign.slug, options), processes - 1
+        )
+    if helpers.count and transport is not None:
         raise ValueError("extra processes build their transport from the settings")
     transport = transport or transport_from_settings(settings, plan.campaign.slug)
     summary = SendSummary(plan.campaign.slug, transport.description, transport.network)
     started = time.monotonic()
     log = DeliveryLog(db, plan.campaign_id)
     log.mark_started()
-    # The helpers send the variants this process checked (and skip inlining their CSS).
-    variants = plan.renderer.prepared() if plan.renderer is not None and processes > 1 else {}
-    helpers = HelperProcesses(
-        _helper_main,
-        (settings, signer, plan.campaign.slug, plan.campaign_id, plan.segments, options, variants),
-        processes - 1,
-    )
 
     def combined(snapshot: Progress) -> None:
         if progress is not None:
@@ -646,13 +657,15 @@ def run_send(
                     loop.add_signal_handler(sig, stop)
                     installed.append(sig)
         try:
-            helpers.start()
+            if helpers.count:
+                helpers.start()  # no-op when already started
+                # The helpers send the variants this process checked (and skip inlining
+                # their CSS).
+                variants = plan.renderer.prepared() if plan.renderer is not None else {}
+                helpers.go(plan.campaign_id, plan.segments, variants)
             await worker.run()
             # This process is done; the others finish what they claimed.
-            while helpers.running():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(worker.stopping.wait(), timeout=0.2)
-                combined(worker.snapshot())
+            await _wait_for_helpers(helpers, lambda: combined(worker.snapshot()))
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -676,23 +689,45 @@ def run_send(
     return summary
 
 
+async def _wait_for_helpers(helpers: HelperProcesses, tick: Callable[[], None]) -> None:
+    """Until every helper has ended: woken the moment one does (its sentinel), and every
+    0.2 s for the progress (``tick``)."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    sentinels = helpers.sentinels()
+    for fd in sentinels:
+        loop.add_reader(fd, ended.set)
+    try:
+        while helpers.running():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), timeout=0.2)
+            ended.clear()
+            tick()
+    finally:
+        for fd in sentinels:
+            loop.remove_reader(fd)
+
+
 def _helper_main(
     index: int,
     settings: Settings,
     signer: TokenSigner,
     slug: str,
-    campaign_id: int,
-    segments: tuple[str, ...],
     options: SendOptions,
-    variants: PreparedVariants,
+    go: Any,
     updates: Any,
 ) -> None:
-    """A helper process: one more worker on the same campaign, sending the variants its
-    parent prepared (``variants``)."""
-    # A terminal's Ctrl-C reaches the whole process group: each process stops cleanly.
+    """A helper process: one more worker on the same campaign. It opens the database and
+    loads the campaign, then waits for the parent's ``go`` (``sending.processes``): the
+    campaign's id, its segments and the variants the parent prepared."""
     db = open_database(settings)
     try:
         defn = load_campaign(settings, slug)
+        updates.put((index, {}, False, None))  # loaded (``HelperProcesses.ready``)
+        handed: tuple[int, tuple[str, ...], PreparedVariants] | None = wait_for_go(go)
+        if handed is None:  # the parent cancelled before its send began
+            return
+        campaign_id, segments, variants = handed
         renderer = Renderer(defn, settings, signer, campaign_id)
         renderer.adopt(variants)
         plan = Plan(defn, campaign_id, segments, 0, 0, 0, {}, renderer=renderer)
