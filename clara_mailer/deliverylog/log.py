@@ -50,6 +50,7 @@ from sqlalchemy import (
     cast,
     exists,
     func,
+    literal,
     or_,
     select,
     update,
@@ -328,19 +329,33 @@ class DeliveryLog:
         where: Sequence[ColumnElement[bool]],
     ) -> Select[Any]:
         """``columns`` of the segment's members that have no delivery row in this
-        campaign yet (and meet ``where``)."""
+        campaign yet (and meet ``where``).
+
+        Read from the segment's memberships (``ix_recipient_segments_segment``, in
+        recipient order), each checked against this campaign's row of its recipient
+        (``uq_deliveries_campaign_recipient``): a chunk reads its own members, not the
+        whole registry and log. Driven from ``recipients`` with an outer join instead,
+        PostgreSQL read every recipient and every delivery row of the campaign for each
+        chunk (~35 ms a chunk of 2,000 at 20,000 recipients).
+
+        The segment (and in ``_unplanned`` where a chunk starts) are written into the
+        statement, not bound: psycopg prepares a statement run five times, and
+        PostgreSQL's generic plan for it, made without the values, read the whole
+        segment for every chunk (~1 s a chunk at 20,000 recipients, in the server's
+        log)."""
+        members = recipient_segments.c
         return (
             select(*columns)
-            .select_from(tables.recipients)
-            .join(recipient_segments, recipient_segments.c.recipient_id == Recipient.id)
-            .outerjoin(
-                tables.deliveries,
-                and_(
+            .select_from(recipient_segments)
+            .join(tables.recipients, Recipient.id == members.recipient_id)
+            .where(
+                members.segment_id == literal(segment_id, Integer, literal_execute=True),
+                ~exists().where(
                     Delivery.campaign_id == self.campaign_id,
-                    Delivery.recipient_id == Recipient.id,
+                    Delivery.recipient_id == members.recipient_id,
                 ),
+                *where,
             )
-            .where(recipient_segments.c.segment_id == segment_id, Delivery.id.is_(None), *where)
         )
 
     def _unplanned(
@@ -354,10 +369,11 @@ class DeliveryLog:
         plain rows of id, email and language, read through Core (the ORM's row handling
         cost more than the query)."""
         columns = (Recipient.id, Recipient.email, Recipient.language)
+        member = recipient_segments.c.recipient_id
         return conn.execute(
             self._unplanned_members(columns, segment_id, where)
-            .where(Recipient.id > after)
-            .order_by(Recipient.id)
+            .where(member > literal(after, Integer, literal_execute=True))
+            .order_by(member)
             .limit(PLAN_CHUNK)
         ).all()
 
