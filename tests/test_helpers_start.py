@@ -1,7 +1,8 @@
 """``send --processes N`` starts its helper processes before it writes the plan, so that
-they load their modules meanwhile, and hands them the committed plan (``go``). A helper
-never touches the campaign before ``go``; a send that ends before it (an error, Ctrl-C
-while the plan is written) ends them without a trace."""
+they load their modules meanwhile, and hands them the campaign (``go``) once the plan's
+first rows are committed: they send while the rest is written. A helper never touches
+the campaign before ``go``; a send that ends before it ends them without a trace, and
+one that fails after it stops them with everything they sent recorded."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from clara_mailer.core.settings import Settings
+from clara_mailer.deliverylog import log
 from clara_mailer.mailer import Mailer
-from clara_mailer.plan.plan import SendOptions
+from clara_mailer.plan.plan import SendOptions, commit_plan, preview_plan
 from clara_mailer.sending.processes import HelperProcesses
+from clara_mailer.sending.worker import hand_over_when_planned
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery
 from tests.send_helpers import add_recipients
@@ -115,3 +119,72 @@ def test_a_helper_loaded_before_the_plan_existed_sends_it_once_handed_it(
         if line.startswith(b"To: ")
     ]
     assert len(recipients) == len(set(recipients)) == 300
+
+
+def test_the_plan_hands_the_campaign_over_after_its_first_chunk_once(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``commit_plan(planned=...)``: called once, as soon as the first chunk of rows is
+    committed (other workers can claim them), never when the plan adds no row."""
+    monkeypatch.setattr(log, "PLAN_CHUNK", 4)
+    add_recipients(db, 10)
+    mailer = Mailer(settings, database=db)
+    calls: list[tuple[int, tuple[str, ...], int]] = []
+
+    def planned(campaign_id: int, segments: tuple[str, ...]) -> None:
+        calls.append((campaign_id, segments, len(deliveries(db))))  # what others see
+
+    preview = preview_plan(db, settings, mailer.signer, CAMPAIGN, OPTIONS)
+    plan = commit_plan(db, settings, mailer.signer, preview, OPTIONS, planned=planned)
+    assert calls == [(plan.campaign_id, ("local-police",), 4)]
+    assert len(deliveries(db)) == 10
+    again = preview_plan(db, settings, mailer.signer, CAMPAIGN, OPTIONS)
+    commit_plan(db, settings, mailer.signer, again, OPTIONS, planned=planned)
+    assert len(calls) == 1  # nothing new to plan: nobody told
+
+
+def test_helpers_sending_when_the_plan_fails_are_stopped_and_lose_nothing(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper sends from the first chunk on; when the plan then fails (an error,
+    Ctrl-C), it is stopped, what it sent is recorded, and the next send sends everyone
+    else, each once."""
+    monkeypatch.setattr(log, "PLAN_CHUNK", 300)
+    add_recipients(db, 400)
+    mailer = Mailer(settings, database=db)
+    preview = preview_plan(db, settings, mailer.signer, CAMPAIGN, OPTIONS)
+
+    class PlanFailed(Exception):
+        pass
+
+    with pytest.raises(PlanFailed), mailer.start_helpers(CAMPAIGN, OPTIONS, 1) as helpers:
+        hand_over = hand_over_when_planned(helpers, preview.renderer)
+
+        def planned(campaign_id: int, segments: tuple[str, ...]) -> None:
+            hand_over(campaign_id, segments)
+            deadline = time.monotonic() + 120
+            while not helpers.counts():  # the helper is sending
+                assert time.monotonic() < deadline and helpers.running()
+                time.sleep(0.01)
+            raise PlanFailed
+
+        commit_plan(db, settings, mailer.signer, preview, OPTIONS, planned=planned)
+    assert [p.exitcode for p in helpers.processes] == [0]  # stopped cleanly (SIGTERM)
+    assert helpers.interrupted and helpers.errors == []
+    rows = deliveries(db)
+    assert len(rows) == 300  # the plan stopped after its first chunk
+    statuses = Counter(row[1] for row in rows)
+    assert set(statuses) <= {"sent", "queued"} and 0 < statuses["sent"] <= 300
+    assert statuses["sent"] == helpers.counts()["sent"] == len(outbox(settings))
+
+    # The next send plans the rest and sends everyone not sent yet, each once.
+    plan = mailer.plan(CAMPAIGN, OPTIONS)
+    summary = mailer.send(plan, OPTIONS, handle_signals=False)
+    assert summary.totals == {"sent": 400}
+    recipients = [
+        line
+        for path in outbox(settings)
+        for line in path.read_bytes().splitlines()
+        if line.startswith(b"To: ")
+    ]
+    assert len(recipients) == len(set(recipients)) == 400

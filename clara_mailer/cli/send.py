@@ -180,6 +180,7 @@ def send_cmd(
         click.echo("Dry run: nothing was sent and nothing was written.")
         return
     from clara_mailer.plan.plan import commit_plan, preview_plan
+    from clara_mailer.sending.worker import hand_over_when_planned
 
     mailer = app.mailer
     # Read-only first: a send declined at the prompt (or without a terminal to ask on)
@@ -207,9 +208,13 @@ def send_cmd(
         return
     if not yes:
         click.confirm(f"Send {preview.to_send} message(s)?", abort=True)
-    # The other sender processes load while the plan is written.
+    # The other sender processes load while the plan is written, and send from its
+    # first committed rows on.
     with mailer.start_helpers(campaign, options, processes - 1) as helpers:
-        plan = commit_plan(mailer.db, mailer.settings, mailer.signer, preview, options)
+        planned = hand_over_when_planned(helpers, preview.renderer)
+        plan = commit_plan(
+            mailer.db, mailer.settings, mailer.signer, preview, options, planned=planned
+        )
         summary = _run_with_progress(app, plan, options, helpers)
     _print_summary(app, summary)
     if summary.interrupted:

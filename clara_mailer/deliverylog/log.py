@@ -285,6 +285,7 @@ class DeliveryLog:
         signer: TokenSigner,
         kind: str,
         where: Sequence[ColumnElement[bool]] = (),
+        committed: Callable[[], None] | None = None,
     ) -> PlanCounts:
         """Create a delivery row for every member of the segments that has none yet.
 
@@ -293,7 +294,9 @@ class DeliveryLog:
         chunks, each its own transaction: planning is idempotent (ON CONFLICT DO NOTHING),
         so an interrupted plan is simply resumed, and several workers may plan at once.
         ``where``: conditions on ``Recipient`` every member must meet as well (the
-        ``send --where`` filters, from ``plan.filters``).
+        ``send --where`` filters, from ``plan.filters``). ``committed`` is called after
+        each chunk that added rows is committed (other workers can claim them from then
+        on).
         """
         counts = PlanCounts()
         insert: _PlannedInsert | None = None
@@ -320,6 +323,8 @@ class DeliveryLog:
                     # Every row is new: the members were read with the planners' lock
                     # held, so the segment's count grows by exactly this chunk.
                     add_to_segment(conn, self.campaign_id, slug, len(members))
+                if committed is not None:
+                    committed()
         return counts
 
     def _unplanned_members(

@@ -12,6 +12,7 @@ message the send would make and writes nothing.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, select
@@ -204,12 +205,27 @@ def preview_plan(
     )
 
 
+#: ``commit_plan``'s ``planned``: called with the campaign's id and segments once its
+#: first rows are committed.
+Planned = Callable[[int, tuple[str, ...]], None]
+
+
 def commit_plan(
-    db: Database, settings: Settings, signer: TokenSigner, plan: Plan, options: SendOptions
+    db: Database,
+    settings: Settings,
+    signer: TokenSigner,
+    plan: Plan,
+    options: SendOptions,
+    *,
+    planned: Planned | None = None,
 ) -> Plan:
     """Write what ``preview_plan`` showed (the campaign row and the delivery rows) and
     return the plan as committed; the figures are the database's (a recipient imported
-    meanwhile is included)."""
+    meanwhile is included).
+
+    ``planned`` is called once, as soon as the first chunk of rows is committed (not at
+    all when the plan adds none): other workers can send those while the rest is
+    written (``sending.worker.hand_over_when_planned``)."""
     if not plan.preview:
         return plan
     with db.writing() as s:
@@ -220,11 +236,15 @@ def commit_plan(
         )
     else:  # the campaign was checked by the preview: its renderer is reused
         checked = CheckedCampaign(plan.campaign, ids, plan.campaign_id, plan.renderer)
-    return _commit(db, signer, checked, options)
+    return _commit(db, signer, checked, options, planned)
 
 
 def _commit(
-    db: Database, signer: TokenSigner, checked: CheckedCampaign, options: SendOptions
+    db: Database,
+    signer: TokenSigner,
+    checked: CheckedCampaign,
+    options: SendOptions,
+    planned: Planned | None = None,
 ) -> Plan:
     defn = checked.defn
     campaign_id = open_campaign(
@@ -236,14 +256,23 @@ def _commit(
         allow_changed_templates=options.allow_changed_templates,
     )
     log = DeliveryLog(db, campaign_id, options.worker_id)
-    planned = log.plan(checked.segments, signer, defn.kind, _where(db, options))
+    segments = tuple(name for _, name in checked.segments)
+    told = planned is None
+
+    def committed() -> None:
+        nonlocal told
+        if not told and planned is not None:
+            told = True
+            planned(campaign_id, segments)
+
+    counts = log.plan(checked.segments, signer, defn.kind, _where(db, options), committed)
     requeued = log.requeue_unknown() if options.resend_unknown else 0
     return Plan(
         campaign=defn,
         campaign_id=campaign_id,
-        segments=tuple(name for _, name in checked.segments),
-        added=planned.added,
-        skipped=planned.skipped,
+        segments=segments,
+        added=counts.added,
+        skipped=counts.skipped,
         requeued_unknown=requeued,
         counts=log.status_counts([name for _, name in checked.segments]),
         renderer=checked.renderer.for_campaign(campaign_id),

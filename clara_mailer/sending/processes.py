@@ -148,7 +148,7 @@ class HelperProcesses:
 
     def go(self, *message: Any) -> None:
         """Hand every waiting helper ``message``, from a thread (a helper reads it once
-        its modules are loaded)."""
+        its modules are loaded). Only the first call hands anything."""
         payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         pipes, self._pipes = self._pipes, []
 
@@ -217,5 +217,7 @@ class HelperProcesses:
     def __enter__(self) -> HelperProcesses:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None:  # the send failed or was interrupted: stop the senders too
+            self.stop()
         self.join()

@@ -601,6 +601,22 @@ def start_helpers(
     return helpers
 
 
+def hand_over_when_planned(
+    helpers: HelperProcesses, renderer: Renderer | None
+) -> Callable[[int, tuple[str, ...]], None]:
+    """For ``commit_plan(planned=...)``: hand the helpers the campaign (and the variants
+    ``renderer`` holds, this process's check) as soon as its first rows are committed,
+    so that they send while the rest of the plan is written. A helper that finds
+    nothing left to claim before the plan is complete ends early; this process sends
+    the rest (``run_send``)."""
+
+    def planned(campaign_id: int, segments: tuple[str, ...]) -> None:
+        if helpers.count:
+            helpers.go(campaign_id, segments, renderer.prepared() if renderer else {})
+
+    return planned
+
+
 def run_send(
     db: Database,
     settings: Settings,
@@ -658,7 +674,7 @@ def run_send(
                     installed.append(sig)
         try:
             if helpers.count:
-                helpers.start()  # no-op when already started
+                helpers.start()  # no-op when already started (and ``go`` once gone)
                 # The helpers send the variants this process checked (and skip inlining
                 # their CSS).
                 variants = plan.renderer.prepared() if plan.renderer is not None else {}
