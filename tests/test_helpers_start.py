@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +26,7 @@ from clara_mailer.sending.processes import HelperProcesses
 from clara_mailer.sending.worker import hand_over_when_planned
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery
+from tests.conftest import settings_env
 from tests.send_helpers import add_recipients
 
 CAMPAIGN = "newsletter-2022-01"
@@ -188,3 +191,37 @@ def test_helpers_sending_when_the_plan_fails_are_stopped_and_lose_nothing(
         if line.startswith(b"To: ")
     ]
     assert len(recipients) == len(set(recipients)) == 400
+
+
+def test_send_processes_2_that_ends_before_its_plan_ends_its_helpers_quietly(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """The CLI starts the helpers while the check runs, before anything is asked: a
+    declined prompt, an error and "Nothing to send" each end them at once (a helper left
+    waiting would hold the command open: ``timeout``), without a trace on stderr."""
+    add_recipients(db, 30)
+    env = {**os.environ, **settings_env(settings)}
+
+    def send(*args: str, answer: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable, "-m", "clara_mailer", "send", CAMPAIGN, "--processes", "2"]
+        return subprocess.run(
+            [*command, *args], cwd=tmp_path, env=env, input=answer, capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+
+    declined = send("--segment", "local-police", answer=b"n\n")
+    assert declined.returncode == 1 and b"Send 30 message(s)?" in declined.stdout
+    unknown = send("--segment", "nope", "--yes")
+    assert unknown.returncode == 1
+    assert b"unknown segment 'nope'" in unknown.stdout + unknown.stderr
+    for ended in (declined, unknown):
+        assert b"Traceback" not in ended.stderr, ended.stderr.decode()
+    assert deliveries(db) == [] and outbox(settings) == []
+
+    done = send("--segment", "local-police", "--yes")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"This run: 30 sent" in done.stdout
+    nothing = send("--segment", "local-police", "--yes")
+    assert nothing.returncode == 0 and b"Nothing to send." in nothing.stdout
+    assert b"Traceback" not in done.stderr + nothing.stderr
+    assert len(outbox(settings)) == 30

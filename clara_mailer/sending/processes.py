@@ -52,10 +52,11 @@ def _set_pdeathsig() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library this interpreter runs on (not ``ctypes.util.find_library``,
+        # which runs ldconfig in a child process every time a helper starts).
+        libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
@@ -125,6 +126,7 @@ class HelperProcesses:
         self._queue: Any = None
         self._pipes: list[Any] = []  # the parent's ends, until go or cancel
         self._writers: list[threading.Thread] = []
+        self._gone = False  # ``go`` handed them the campaign
 
     def start(self) -> None:
         if not self.count or self.processes:
@@ -151,6 +153,7 @@ class HelperProcesses:
         its modules are loaded). Only the first call hands anything."""
         payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         pipes, self._pipes = self._pipes, []
+        self._gone = self._gone or bool(pipes)
 
         def write(pipe: Any) -> None:
             with contextlib.suppress(OSError):  # a helper that died says so by its exit
@@ -218,6 +221,8 @@ class HelperProcesses:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        if kind is not None:  # the send failed or was interrupted: stop the senders too
+        # Helpers still waiting end on their own once cancelled (``join``); those already
+        # sending are stopped when the send failed or was interrupted.
+        if kind is not None and self._gone:
             self.stop()
         self.join()
