@@ -53,6 +53,16 @@ def outbox(settings: Settings) -> list[Path]:
     return sorted(settings.outbox_dir.rglob("*.eml"))
 
 
+def outbox_recipients(settings: Settings) -> list[bytes]:
+    """The To: line of every message in the outbox."""
+    return [
+        line
+        for path in outbox(settings)
+        for line in path.read_bytes().splitlines()
+        if line.startswith(b"To: ")
+    ]
+
+
 def wait_until_ready(helpers: HelperProcesses) -> None:
     deadline = time.monotonic() + 120
     while helpers.ready() < helpers.count:
@@ -115,12 +125,7 @@ def test_a_helper_loaded_before_the_plan_existed_sends_it_once_handed_it(
     assert [p.exitcode for p in helpers.processes] == [0]
     assert (helpers.errors, helpers.counts()) == ([], Counter({"sent": 300}))
     assert {row[1] for row in deliveries(db)} == {"sent"}
-    recipients = [
-        line
-        for path in outbox(settings)
-        for line in path.read_bytes().splitlines()
-        if line.startswith(b"To: ")
-    ]
+    recipients = outbox_recipients(settings)
     assert len(recipients) == len(set(recipients)) == 300
 
 
@@ -184,12 +189,7 @@ def test_helpers_sending_when_the_plan_fails_are_stopped_and_lose_nothing(
     plan = mailer.plan(CAMPAIGN, OPTIONS)
     summary = mailer.send(plan, OPTIONS, handle_signals=False)
     assert summary.totals == {"sent": 400}
-    recipients = [
-        line
-        for path in outbox(settings)
-        for line in path.read_bytes().splitlines()
-        if line.startswith(b"To: ")
-    ]
+    recipients = outbox_recipients(settings)
     assert len(recipients) == len(set(recipients)) == 400
 
 

@@ -257,11 +257,11 @@ def _commit(
     )
     log = DeliveryLog(db, campaign_id, options.worker_id)
     segments = tuple(name for _, name in checked.segments)
-    told = planned is None
+    told = False
 
-    def committed() -> None:
+    def committed() -> None:  # after each chunk: tell ``planned`` after the first
         nonlocal told
-        if not told and planned is not None:
+        if planned is not None and not told:
             told = True
             planned(campaign_id, segments)
 

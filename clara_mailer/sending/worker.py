@@ -593,9 +593,9 @@ def start_helpers(
     settings: Settings, signer: TokenSigner, slug: str, options: SendOptions, count: int
 ) -> HelperProcesses:
     """Start ``count`` helper processes for a send of ``slug``: they load their modules
-    and open the database now, and wait for ``run_send`` to hand them the committed plan.
-    Started before the plan is written, their start costs the send nothing; leaving the
-    ``with`` block without a send ends them without a trace."""
+    and open the database now, and wait to be handed the campaign (by
+    ``hand_over_when_planned`` once the plan's first rows are committed, or by
+    ``run_send``). Leaving the ``with`` block before that ends them untouched."""
     helpers = HelperProcesses(_helper_main, (settings, signer, slug, options), count)
     helpers.start()
     return helpers
