@@ -122,6 +122,8 @@ def test_a_helper_loaded_before_the_plan_existed_sends_it_once_handed_it(
         plan = mailer.plan(CAMPAIGN, OPTIONS)
         assert plan.renderer is not None
         helpers.go(plan.campaign_id, plan.segments, plan.renderer.prepared())
+        assert not helpers.waiting()
+        helpers.go(plan.campaign_id, plan.segments, {})  # after the hand-over: nothing
     assert [p.exitcode for p in helpers.processes] == [0]
     assert (helpers.errors, helpers.counts()) == ([], Counter({"sent": 300}))
     assert {row[1] for row in deliveries(db)} == {"sent"}

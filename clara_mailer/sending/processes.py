@@ -151,9 +151,11 @@ class HelperProcesses:
     def go(self, *message: Any) -> None:
         """Hand every waiting helper ``message``, from a thread (a helper reads it once
         its modules are loaded). Only the first call hands anything."""
+        if not self._pipes:
+            return
         payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         pipes, self._pipes = self._pipes, []
-        self._gone = self._gone or bool(pipes)
+        self._gone = True
 
         def write(pipe: Any) -> None:
             with contextlib.suppress(OSError):  # a helper that died says so by its exit
@@ -164,6 +166,10 @@ class HelperProcesses:
             writer = threading.Thread(target=write, args=(pipe,), name="clara-helper-go")
             writer.start()
             self._writers.append(writer)
+
+    def waiting(self) -> bool:
+        """Helpers are started and wait for ``go``."""
+        return bool(self._pipes)
 
     def cancel(self) -> None:
         """Helpers still waiting for ``go`` end without sending anything."""

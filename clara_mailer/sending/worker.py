@@ -611,7 +611,9 @@ def hand_over_when_planned(
     the rest (``run_send``)."""
 
     def planned(campaign_id: int, segments: tuple[str, ...]) -> None:
-        if helpers.count:
+        # The helpers send the variants this process checked (and skip inlining their
+        # CSS). Only the first hand-over reaches them (``HelperProcesses.go``).
+        if helpers.waiting():
             helpers.go(campaign_id, segments, renderer.prepared() if renderer else {})
 
     return planned
@@ -673,12 +675,8 @@ def run_send(
                     loop.add_signal_handler(sig, stop)
                     installed.append(sig)
         try:
-            if helpers.count:
-                helpers.start()  # no-op when already started (and ``go`` once gone)
-                # The helpers send the variants this process checked (and skip inlining
-                # their CSS).
-                variants = plan.renderer.prepared() if plan.renderer is not None else {}
-                helpers.go(plan.campaign_id, plan.segments, variants)
+            helpers.start()  # no-op when already started, or for none
+            hand_over_when_planned(helpers, plan.renderer)(plan.campaign_id, plan.segments)
             await worker.run()
             # This process is done; the others finish what they claimed.
             await _wait_for_helpers(helpers, lambda: combined(worker.snapshot()))
