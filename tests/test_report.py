@@ -4,6 +4,8 @@ opt-outs, on SQLite and PostgreSQL: every format's figures are checked against i
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import gc
 import io
 import json
 from collections import Counter
@@ -14,9 +16,10 @@ import pytest
 from click.testing import Result
 from sqlalchemy import select
 
+from clara_mailer.cli.app import App
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.vocabulary import Status
-from clara_mailer.reporting.report import DELIVERY_COLUMNS
+from clara_mailer.reporting.report import DELIVERY_COLUMNS, build_report
 from clara_mailer.store.database import Database
 from clara_mailer.store.models import Delivery
 from tests.report_helpers import (
@@ -103,6 +106,36 @@ def test_json_figures_match_the_log(log: BuiltLog, cli: Cli) -> None:
     timeline = data["timeline"]
     assert timeline["unit"] == "minute"
     assert sum(p["count"] for p in timeline["sent"]) == sum(log.accepted.values())
+
+
+def test_a_report_without_its_timeline_has_every_other_figure(log: BuiltLog, db: Database) -> None:
+    # The terminal summary asks for no timeline (it shows none): the rest is the same.
+    now = dt.datetime(2026, 12, 1, 12, 0)
+    whole = build_report(db, NEWSLETTER, now=now).as_json()
+    summary = build_report(db, NEWSLETTER, now=now, timeline=False).as_json()
+    assert summary["timeline"] is None
+    assert sum(p["count"] for p in whole["timeline"]["sent"]) == sum(log.accepted.values())
+    assert {k: v for k, v in summary.items() if k != "timeline"} == {
+        k: v for k, v in whole.items() if k != "timeline"
+    }
+
+
+def test_loading_pauses_the_collector_and_freezes_what_it_loaded() -> None:
+    app = App()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with app.loading():
+        assert not gc.isenabled()
+        loaded = [[n] for n in range(1000)]
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(loaded)  # left out of the collector's passes
+    app.close()  # puts them back under the collector (a process running many commands)
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_report_command_leaves_the_collector_as_it_found_it(log: BuiltLog, cli: Cli) -> None:
+    result = cli("report", NEWSLETTER)
+    assert result.exit_code == 0, result.output
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_segment_filter_narrows_every_figure(log: BuiltLog, cli: Cli) -> None:

@@ -51,9 +51,11 @@ def report_cmd(
     """
     from pathlib import Path
 
-    from clara_mailer.cli.report_view import show_report
+    with app.loading():
+        from clara_mailer.cli.report_view import show_report
 
+        db = app.mailer.db
     target = Path(output) if output else None
-    show_report(app.mailer.db, campaign, fmt, segment, status, target, app.out)
+    show_report(db, campaign, fmt, segment, status, target, app.out)
     if output:
         app.err.print(f"Wrote {output}")

@@ -92,7 +92,8 @@ def _writer(
     if fmt == "csv":  # needs no figures, only the rows (streamed)
         check_scope(db, campaign, segment)
         return lambda console: write_deliveries_csv(console.file, rows)
-    report = build_report(db, campaign, segment=segment)
+    # The terminal summary shows no timeline: its query is left out.
+    report = build_report(db, campaign, segment=segment, timeline=fmt != "table")
     listed = rows if wanted is not None else None
     if fmt == "json":
         return lambda console: write_json(console.file, report, listed)

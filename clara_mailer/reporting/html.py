@@ -16,7 +16,7 @@ import jinja2
 
 from clara_mailer.core.resources import REPORT_TEMPLATES
 from clara_mailer.core.vocabulary import Status
-from clara_mailer.reporting.report import TOP_FAILURES, CampaignReport, percent
+from clara_mailer.reporting.report import TOP_FAILURES, CampaignReport, Timeline, percent
 
 #: One colour per state, distinguishable in print (with the legend and labels).
 COLOURS = {
@@ -93,9 +93,9 @@ def segment_chart(report: CampaignReport) -> Chart:
     return Chart("segments", "Outcomes per segment", CHART_WIDTH, height, bars, labels)
 
 
-def timeline_chart(report: CampaignReport) -> Chart:
+def timeline_chart(timeline: Timeline) -> Chart:
     """Messages accepted per minute/hour/day: one column per period, gaps included."""
-    points = report.timeline.points
+    points = timeline.points
     left, top, plot_h = 50.0, 10.0, 160.0
     plot_w = CHART_WIDTH - left - 10
     peak = max((n for _, n in points), default=0) or 1
@@ -118,7 +118,7 @@ def timeline_chart(report: CampaignReport) -> Chart:
         labels.append(Label(left, bottom, points[0][0]))
         if len(points) > 1:
             labels.append(Label(CHART_WIDTH - 10, bottom, points[-1][0], "end"))
-    title = f"Messages accepted per {report.timeline.unit} (UTC)"
+    title = f"Messages accepted per {timeline.unit} (UTC)"
     return Chart("timeline", title, CHART_WIDTH, top + plot_h + 24, bars, labels)
 
 
@@ -162,6 +162,9 @@ def _environment() -> jinja2.Environment:
 def render_html(report: CampaignReport, rows: Iterable[Mapping[str, Any]] | None = None) -> str:
     """The whole page as text; ``rows`` (a ``--status`` listing) adds a recipients table."""
     statuses = report.shown_statuses()
+    charts = [segment_chart(report), failure_chart(report)]
+    if report.timeline is not None:
+        charts.insert(1, timeline_chart(report.timeline))
     return (
         _environment()
         .get_template("report.html.j2")
@@ -171,7 +174,7 @@ def render_html(report: CampaignReport, rows: Iterable[Mapping[str, Any]] | None
             all_statuses=list(Status),
             colours=COLOURS,
             percent=percent,
-            charts=[segment_chart(report), timeline_chart(report), failure_chart(report)],
+            charts=charts,
             recipients=list(rows) if rows is not None else None,
         )
     )

@@ -136,7 +136,8 @@ class CampaignReport:
     bounces: BounceSummary
     optouts: OptOutSummary
     rsvps: dict[RsvpAnswer, int] | None
-    timeline: Timeline
+    #: None when not asked for (``build_report(timeline=False)``).
+    timeline: Timeline | None
     #: Every state (``Status`` order, zeros included) -> deliveries in it.
     totals: dict[Status, int] = field(init=False)
 
@@ -198,7 +199,9 @@ class CampaignReport:
                 "policy": self.bounces.policy,
             },
             "rsvps": _plain(self.rsvps) if self.rsvps is not None else None,
-            "timeline": {
+            "timeline": None
+            if self.timeline is None
+            else {
                 "unit": self.timeline.unit,
                 "sent": [{"at": at, "count": n} for at, n in self.timeline.points],
             },
@@ -230,9 +233,18 @@ def find_campaign(session: Connection, slug: str) -> Row[Any]:
 
 
 def build_report(
-    db: Database, slug: str, *, segment: str | None = None, now: dt.datetime | None = None
+    db: Database,
+    slug: str,
+    *,
+    segment: str | None = None,
+    now: dt.datetime | None = None,
+    timeline: bool = True,
 ) -> CampaignReport:
-    """Every figure of one campaign's report (optionally one segment's), in one transaction."""
+    """Every figure of one campaign's report (optionally one segment's), in one transaction.
+
+    ``timeline=False`` leaves out the messages accepted per period, which only the JSON
+    document and the charts show: it reads every accepted delivery's row in the index
+    (a million accepted: ~0.04 s of the terminal summary's ~0.15 s on PostgreSQL)."""
     now = now or utcnow()
     with db.reading() as s:
         campaign = find_campaign(s, slug)
@@ -253,7 +265,7 @@ def build_report(
             bounces=scope.bounces(s),
             optouts=scope.optouts(s),
             rsvps=scope.rsvps(s) if campaign.kind == CampaignKind.INVITATION else None,
-            timeline=scope.timeline(s),
+            timeline=scope.timeline(s) if timeline else None,
         )
 
 
