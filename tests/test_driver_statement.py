@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import bindparam, select, update
 
-from clara_mailer.core.vocabulary import Status
+from clara_mailer.core.vocabulary import OptOutReason, OptOutScope, Status
 from clara_mailer.deliverylog import log
 from clara_mailer.deliverylog.log import DeliveryLog, open_campaign, segment_ids
+from clara_mailer.optouts.suppressions import lift_hash, suppress_hash
 from clara_mailer.store import tables
 from clara_mailer.store.database import Database
 from clara_mailer.store.driver import DriverStatement
@@ -271,3 +272,35 @@ def test_mark_sending_writes_what_the_per_row_statement_writes(
     with db.engine.connect() as conn:
         statuses = set(conn.scalars(select(Delivery.status).where(Delivery.id.in_(ours))))
     assert statuses == {Status.SENDING}
+
+
+def test_mark_sending_leaves_out_exactly_the_addresses_a_suppression_stops(
+    db: Database, signer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An opt-out recorded while the send runs: on PostgreSQL the statement that marks the
+    # rows leaves those out itself, and only then are the reasons looked up.
+    ids = _planned(db, signer, 6)
+    hashes = [f"hash-{n}" for n in range(len(ids))]
+    with db.session() as s:
+        suppress_hash(s, hashes[0], reason=OptOutReason.ONE_CLICK)  # every kind
+        suppress_hash(s, hashes[1], reason=OptOutReason.UNSUBSCRIBE, scope=OptOutScope.NEWSLETTER)
+        suppress_hash(s, hashes[2], reason=OptOutReason.MANUAL, scope=OptOutScope.INVITATION)
+        suppress_hash(s, hashes[3], reason=OptOutReason.COMPLAINT)
+        lift_hash(s, hashes[3], note="asked back in")
+    used = _per_row_statements_used(monkeypatch)
+    entries = [
+        (i, f"<{n}@clara.example>", h) for n, (i, h) in enumerate(zip(ids, hashes, strict=True))
+    ]
+    skipped = DeliveryLog(db, 1).mark_sending(entries, "newsletter")
+    assert skipped == {hashes[0]: "one-click", hashes[1]: "unsubscribe"}
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(Delivery.id, Delivery.status, Delivery.message_id))
+        stored = {i: (status, mid) for i, status, mid in rows}
+    assert [stored[i] for i in ids] == [
+        (Status.QUEUED, None),
+        (Status.QUEUED, None),
+        *[(Status.SENDING, f"<{n}@clara.example>") for n in range(2, len(ids))],
+    ]
+    assert used == ([] if db.dialect == "postgresql" else ["mark_sending"])
+    # Nothing stopped: no lookup of reasons either.
+    assert DeliveryLog(db, 1).mark_sending(entries[2:], "newsletter") == {}

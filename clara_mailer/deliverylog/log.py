@@ -60,7 +60,11 @@ from clara_mailer.core.errors import SendError
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import OPEN_STATUSES, UNTOUCHED_STATUSES, Status
 from clara_mailer.deliverylog.figures import add_to_segment, segment_status_counts
-from clara_mailer.optouts.suppressions import active_suppressions, any_active_suppression
+from clara_mailer.optouts.suppressions import (
+    active_suppressions,
+    any_active_suppression,
+    stops_sql,
+)
 from clara_mailer.store import tables
 from clara_mailer.store.database import Database
 from clara_mailer.store.driver import DriverStatement
@@ -197,11 +201,15 @@ _RECORD = (
 #: test compares the stored values with the per-row statements'. ``id`` must not repeat
 #: in a batch (an UPDATE ... FROM changes a row once): a batch with a repeated id runs
 #: the per-row statement instead.
+#: The rows whose address no active suppression stops, in the statement that marks them:
+#: the rows it leaves out are those to skip (``mark_sending``).
 _MARK_SENDING_SET = (
     f"UPDATE deliveries AS d SET status = '{Status.SENDING.value}', message_id = v.mid, "
     "last_attempt_at = %(b_now)s "
-    "FROM unnest(%(b_id)s::integer[], %(b_mid)s::varchar[]) AS v(id, mid) "
-    "WHERE d.id = v.id"
+    "FROM unnest(%(b_id)s::integer[], %(b_mid)s::varchar[], %(b_hash)s::varchar[]) "
+    "AS v(id, mid, hash) "
+    f"WHERE d.id = v.id AND NOT {stops_sql('v.hash')} "
+    "RETURNING d.id"
 )
 
 _RECORD_SET = (
@@ -719,14 +727,25 @@ class DeliveryLog:
         # Core, not an ORM session: this runs for every group of messages, and the
         # session's bookkeeping cost more than the statement.
         with self.db.engine.begin() as conn:
+            if self._pg and len({i for i, _, _ in entries}) == len(entries):
+                # One statement marks the rows no suppression stops; only when it left
+                # some out are their reasons looked up (an opt-out during the send).
+                ids, mids, hashes = (list(column) for column in zip(*entries, strict=True))
+                values = {
+                    "b_id": ids,
+                    "b_mid": mids,
+                    "b_hash": hashes,
+                    "b_now": now,
+                    "b_kind": kind,
+                }
+                marked = set(conn.exec_driver_sql(_MARK_SENDING_SET, values).scalars())
+                left = [h for i, _, h in entries if i not in marked]
+                return active_suppressions(conn, left, kind) if left else {}
             suppressed = active_suppressions(conn, (h for _, _, h in entries), kind)
             params = [
                 {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
             ]
-            if params and self._pg and _unique_ids(params):
-                ids, mids = [p["b_id"] for p in params], [p["b_mid"] for p in params]
-                conn.exec_driver_sql(_MARK_SENDING_SET, {"b_id": ids, "b_mid": mids, "b_now": now})
-            elif params:
+            if params:
                 self._statement("mark_sending", _MARK_SENDING).execute(conn, params)
         return suppressed
 

@@ -1,8 +1,8 @@
 """Suppressions: opt-outs, hard bounces, complaints and erasures, by keyed address hash.
 
 Checked when a send is planned, again just before each message, and by import. The
-checks (``active_suppressions``, ``any_active_suppression``) are SQLAlchemy Core on the
-``suppressions`` table and take a Core connection or an ORM session alike: a send never
+checks (``active_suppressions``, ``any_active_suppression``, and ``stops_sql`` inside
+a statement of the delivery log's) are SQLAlchemy Core on the ``suppressions`` table and take a Core connection or an ORM session alike: a send never
 loads the ORM. The functions that manage suppressions return ORM rows, so they import
 the models when called.
 """
@@ -36,6 +36,17 @@ def _stops(kind: str | None) -> list[ColumnElement[bool]]:
     if kind is not None:
         conditions.append(or_(_suppression.scope == OptOutScope.ALL, _suppression.scope == kind))
     return conditions
+
+
+def stops_sql(hash_sql: str) -> str:
+    """The condition of ``_stops(kind)`` as SQL for a statement written for the driver
+    (PostgreSQL): true when an active suppression of the address hash ``hash_sql``
+    stops a campaign of the kind bound as ``%(b_kind)s``."""
+    return (
+        f"EXISTS (SELECT 1 FROM {tables.suppressions.name} AS s "
+        f"WHERE s.address_hash = {hash_sql} AND s.lifted_at IS NULL "
+        f"AND (s.scope = '{OptOutScope.ALL.value}' OR s.scope = %(b_kind)s))"
+    )
 
 
 def active_suppressions(
