@@ -210,10 +210,13 @@ def _preview_and_send(
 
     mailer = app.mailer
     # Read-only first: a send declined at the prompt (or without a terminal to ask on)
-    # leaves no campaign row and no delivery row behind.
-    preview = preview_plan(
-        mailer.db, mailer.settings, mailer.signer, campaign, options, check=check
-    )
+    # leaves no campaign row and no delivery row behind. The database layer loads, and
+    # the checked variants are read, with the collector paused: what the send then
+    # keeps to its end is frozen, out of the collector's passes while it sends.
+    with app.loading():
+        preview = preview_plan(
+            mailer.db, mailer.settings, mailer.signer, campaign, options, check=check
+        )
     _print_warnings(app, campaign)  # an SMTP send with an incomplete footer was refused
     _print_plan(app, preview)
     if preview.to_send == 0:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import gc
 import signal
 import time
 from collections import Counter, deque
@@ -744,6 +745,9 @@ def _helper_main(
         campaign_id, segments, variants = handed
         renderer = Renderer(defn, settings, signer, campaign_id)
         renderer.adopt(variants)
+        # What is loaded by now (modules, the database layer, the variants) lives as
+        # long as this process, which ends with the send: out of the collector's passes.
+        gc.freeze()
         plan = Plan(defn, campaign_id, segments, 0, 0, 0, {}, renderer=renderer)
         last = [0.0]
 
