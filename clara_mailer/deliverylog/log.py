@@ -198,11 +198,11 @@ _RECORD = (
 #: PostgreSQL: ``_MARK_SENDING`` and ``_RECORD`` as one set-based UPDATE per batch, each
 #: row's values in parallel arrays joined by ``unnest``: one statement instead of one a
 #: row (about a third less server CPU per row). The same SET and WHERE, term for term; a
-#: test compares the stored values with the per-row statements'. ``id`` must not repeat
-#: in a batch (an UPDATE ... FROM changes a row once): a batch with a repeated id runs
-#: the per-row statement instead.
-#: The rows whose address no active suppression stops, in the statement that marks them:
-#: the rows it leaves out are those to skip (``mark_sending``).
+#: test compares the stored values with the per-row statements'. ``_MARK_SENDING_SET``
+#: also leaves out the rows whose address an active suppression stops, and returns the
+#: ones it marked (the per-row path leaves those rows out of its batch: ``mark_sending``).
+#: ``id`` must not repeat in a batch (an UPDATE ... FROM changes a row once): a batch with
+#: a repeated id runs the per-row statement instead.
 _MARK_SENDING_SET = (
     f"UPDATE deliveries AS d SET status = '{Status.SENDING.value}', message_id = v.mid, "
     "last_attempt_at = %(b_now)s "

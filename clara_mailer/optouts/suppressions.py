@@ -1,9 +1,10 @@
 """Suppressions: opt-outs, hard bounces, complaints and erasures, by keyed address hash.
 
 Checked when a send is planned, again just before each message, and by import. The
-checks (``active_suppressions``, ``any_active_suppression``, and ``stops_sql`` inside
-a statement of the delivery log's) are SQLAlchemy Core on the ``suppressions`` table and take a Core connection or an ORM session alike: a send never
-loads the ORM. The functions that manage suppressions return ORM rows, so they import
+checks (``active_suppressions``, ``any_active_suppression``) are SQLAlchemy Core on the
+``suppressions`` table and take a Core connection or an ORM session alike: a send never
+loads the ORM. ``stops_sql`` is the same condition as SQL, for the delivery log's
+statement that marks a group of messages ``sending`` on PostgreSQL. The functions that manage suppressions return ORM rows, so they import
 the models when called.
 """
 
