@@ -235,8 +235,8 @@ def _as_arrays(sets: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     }
 
 
-def _unique_ids(sets: Sequence[dict[str, Any]]) -> bool:
-    return len({row["b_id"] for row in sets}) == len(sets)
+def _unique(ids: Sequence[int]) -> bool:
+    return len(set(ids)) == len(ids)
 
 
 #: What a row settled from a dead worker's journal says.
@@ -727,14 +727,14 @@ class DeliveryLog:
         # Core, not an ORM session: this runs for every group of messages, and the
         # session's bookkeeping cost more than the statement.
         with self.db.engine.begin() as conn:
-            if self._pg and len({i for i, _, _ in entries}) == len(entries):
+            ids = [i for i, _, _ in entries]
+            if self._pg and _unique(ids):
                 # One statement marks the rows no suppression stops; only when it left
                 # some out are their reasons looked up (an opt-out during the send).
-                ids, mids, hashes = (list(column) for column in zip(*entries, strict=True))
                 values = {
                     "b_id": ids,
-                    "b_mid": mids,
-                    "b_hash": hashes,
+                    "b_mid": [m for _, m, _ in entries],
+                    "b_hash": [h for _, _, h in entries],
                     "b_now": now,
                     "b_kind": kind,
                 }
@@ -767,7 +767,7 @@ class DeliveryLog:
             for o in outcomes
         ]
         with self.db.engine.begin() as conn:
-            if self._pg and _unique_ids(params):
+            if self._pg and _unique([o.delivery_id for o in outcomes]):
                 conn.exec_driver_sql(_RECORD_SET, _as_arrays(params))
             else:
                 self._statement("record", _RECORD).execute(conn, params)

@@ -4,8 +4,8 @@ Checked when a send is planned, again just before each message, and by import. T
 checks (``active_suppressions``, ``any_active_suppression``) are SQLAlchemy Core on the
 ``suppressions`` table and take a Core connection or an ORM session alike: a send never
 loads the ORM. ``stops_sql`` is the same condition as SQL, for the delivery log's
-statement that marks a group of messages ``sending`` on PostgreSQL. The functions that manage suppressions return ORM rows, so they import
-the models when called.
+statement that marks a group of messages ``sending`` on PostgreSQL. The functions that
+manage suppressions return ORM rows, so they import the models when called.
 """
 
 from __future__ import annotations

@@ -244,7 +244,8 @@ def build_report(
 
     ``timeline=False`` leaves out the messages accepted per period, which only the JSON
     document and the charts show: it reads every accepted delivery's row in the index
-    (a million accepted: ~0.04 s of the terminal summary's ~0.15 s on PostgreSQL)."""
+    (880,000 accepted on PostgreSQL: 0.041 s of the 0.17 s the terminal summary took
+    after its imports, under cProfile)."""
     now = now or utcnow()
     with db.reading() as s:
         campaign = find_campaign(s, slug)
