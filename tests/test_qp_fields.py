@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from clara_mailer.compose.render import _SENTINELS, _Dynamic, _qp_open
+from clara_mailer.compose.render import _SENTINELS, _Dynamic, _qp_open, _qp_value
 
 
 def _decoded(encoded: bytes) -> str:
@@ -93,3 +93,27 @@ def test_the_text_around_the_fields_is_encoded_once() -> None:
     assert (
         _decoded(first) == "Dear Ana, of Org: welcome.\r\nUnsubscribe: https://x.example/u/tok1\r\n"
     )
+
+
+def test_a_value_s_quick_encoding_is_the_general_one() -> None:
+    """``_qp_value`` takes a short cut for short printable ASCII: the same bytes as
+    ``_qp_open`` for every value, the awkward ones and random ones."""
+    rng = random.Random(18)
+    alphabet = "aZ09 .=\t-_@é<>&\"'%~"
+    values = [
+        *AWKWARD,
+        ".",
+        " ",
+        "a ",
+        "=",
+        "x" * 71,
+        "x" * 72,
+        "x" * 73,
+        "tok2abc",
+        "ana@x.example",
+    ]
+    values += [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))) for _ in range(2000)
+    ]
+    for value in values:
+        assert _qp_value(value) == _qp_open(value), value

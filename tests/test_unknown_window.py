@@ -169,6 +169,59 @@ def test_a_dead_workers_rows_are_settled_from_its_journal(
     assert leased == []
 
 
+def test_a_reply_goes_to_the_file_with_the_next_end_of_data(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """Reply records wait for the next end of DATA (one write for both) or ``flush``.
+    A worker killed with a reply not yet written leaves that message ``unknown``: the
+    connection's last ended message, as if the reply had not come."""
+    import socket
+
+    from clara_mailer.core.vocabulary import Status
+    from clara_mailer.sending.journal import LocalJournals, WorkerJournal
+
+    campaign_id = _plan(db, settings, 3)
+    dead = f"{socket.gethostname()[:30]}:{2**22 + 3}:cafebabe"
+    log = DeliveryLog(db, campaign_id, dead)
+    rows = [r.id for r in log.claim(3, 600)]
+    log.mark_sending([(i, f"<{i}@x>", f"h{i}") for i in rows], "newsletter")
+    journal = WorkerJournal.create(dead, tmp_path)
+    assert journal is not None
+    journal.end_of_data(rows[0])
+    size = journal.path.stat().st_size
+    journal.reply(rows[0], Status.SENT, 250)
+    assert journal.path.stat().st_size == size  # held
+    journal.end_of_data(rows[1])  # carries rows[0]'s reply
+    assert journal.path.stat().st_size == size + 2 * 16
+    journal.reply(rows[1], Status.FAILED, 550)
+    journal.end_of_data(rows[2])
+    journal.reply(rows[2], Status.SENT, 250)  # held when the process dies
+    # Killed: no flush, no close. The descriptor is left open, as a killed process's is
+    # closed by the kernel without writing anything more.
+    journals = LocalJournals(tmp_path)
+    DeliveryLog(db, campaign_id).expire_leases(journals)
+    after = _rows(db)
+    assert after[rows[0]] == ("sent", 250, 1)
+    assert after[rows[1]] == ("failed", 550, 1)
+    assert after[rows[2]][0] == "unknown"
+
+
+def test_flush_writes_the_replies_held(tmp_path: Path) -> None:
+    from clara_mailer.core.vocabulary import Status
+    from clara_mailer.sending.journal import WorkerJournal
+
+    journal = WorkerJournal.create("host:1:flush", tmp_path)
+    assert journal is not None
+    journal.end_of_data(7)
+    journal.reply(7, Status.SENT, 250)
+    size = journal.path.stat().st_size
+    journal.flush()
+    assert journal.path.stat().st_size == size + 16
+    journal.flush()  # nothing more to write
+    assert journal.path.stat().st_size == size + 16
+    journal.close(remove=True)
+
+
 def test_without_a_trustworthy_journal_sending_rows_become_unknown(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:

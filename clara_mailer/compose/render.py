@@ -260,15 +260,34 @@ def _qp_open(text: str) -> bytes:
 _QP_LINE = 76
 
 
+def _qp_value(text: str) -> bytes:
+    """``_qp_open(text)``, at once for the usual value (a token, most addresses and
+    names): short printable ASCII without "=" or a trailing blank is its own encoding.
+    ``tests/test_qp_fields.py`` holds the two to the same bytes."""
+    if (
+        text
+        and len(text) <= _QP_LINE - 4
+        and text.isascii()
+        and text.isprintable()
+        and "=" not in text
+        and text[-1] != " "
+        and text != "."
+    ):
+        return text.encode("ascii") + b"=\r\n"
+    return _qp_open(text)
+
+
 @dataclass(frozen=True)
 class _Dynamic:
     """Lines that hold sentinels: the text around the sentinels quoted-printable, encoded
     once (``runs``, each but the last ending with a soft line break, ``_qp_open``), and
-    the field each sentinel stands for (``fields``: one fewer than runs)."""
+    the field each sentinel stands for (``fields``: one fewer than runs). ``template``
+    is the runs joined as a ``bytes`` format, a ``%s`` where each field goes."""
 
     runs: tuple[bytes, ...]
     fields: tuple[int, ...]
     html: bool
+    template: bytes
 
     @classmethod
     def of(cls, lines: str, html: bool) -> _Dynamic:
@@ -276,16 +295,30 @@ class _Dynamic:
         cut = _SENTINEL_RE.split(lines)  # text, field, text, field, ..., text
         texts, fields = cut[::2], tuple(int(f) for f in cut[1::2])
         runs = (*(_qp_open(text) for text in texts[:-1]), _qp(texts[-1]))
-        return cls(runs, fields, html)
+        return cls._made(runs, fields, html)
+
+    @classmethod
+    def _made(cls, runs: tuple[bytes, ...], fields: tuple[int, ...], html: bool) -> _Dynamic:
+        template = b"%s".join(run.replace(b"%", b"%%") for run in runs)
+        return cls(runs, fields, html, template)
+
+    @classmethod
+    def static(cls, text: bytes, html: bool) -> _Dynamic:
+        """Encoded text without a field, as a piece to join others (``then``)."""
+        return cls._made((text,), (), html)
+
+    def then(self, other: _Dynamic) -> _Dynamic:
+        """This piece followed by ``other``, as one."""
+        runs = (*self.runs[:-1], self.runs[-1] + other.runs[0], *other.runs[1:])
+        return _Dynamic._made(runs, self.fields + other.fields, self.html)
 
     def encode(self, values: tuple[str, ...]) -> bytes:
         """The lines with ``values`` in place of their sentinels, quoted-printable."""
-        runs = self.runs
-        out = [runs[0]]
-        for i, field in enumerate(self.fields, 1):
-            out.append(_qp_open(values[field]))
-            out.append(runs[i])
-        return b"".join(out)
+        return self.fill(tuple(_qp_value(value) for value in values))
+
+    def fill(self, encoded: tuple[bytes, ...]) -> bytes:
+        """``encode``, with each value encoded already (``_qp_value``)."""
+        return self.template % tuple([encoded[field] for field in self.fields])
 
 
 _Piece = bytes | _Dynamic
@@ -314,13 +347,38 @@ def _pieces(text: str, *, html_part: bool) -> list[_Piece]:
     return out
 
 
+#: Static text shorter than this goes into the lines with fields next to it (``_merge``).
+_SHARED_BYTES = 1024
+
+
 def _merge(pieces: list[_Piece]) -> tuple[_Piece, ...]:
-    merged: list[_Piece] = []
+    """Adjacent static pieces joined; then static text shorter than ``_SHARED_BYTES``
+    taken into the neighbouring lines with fields (of the same part, text or HTML).
+
+    What stays a ``bytes`` piece is large and shared by every message of the variant; the
+    rest is one ``_Dynamic`` per stretch, filled once per message. For the newsletter a
+    message is then 7 pieces, not 11: each piece a message has of its own is checked and
+    dot-stuffed on its way out (``transport.base.MessageChecker``), the shared ones once."""
+    joined: list[_Piece] = []
     for piece in pieces:
-        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] = merged[-1] + piece
+        if isinstance(piece, bytes) and joined and isinstance(joined[-1], bytes):
+            joined[-1] = joined[-1] + piece
         else:
-            merged.append(piece)
+            joined.append(piece)
+    merged: list[_Piece] = []
+    for piece in joined:
+        last = merged[-1] if merged else None
+        if isinstance(piece, _Dynamic):
+            if isinstance(last, _Dynamic) and last.html == piece.html:
+                merged[-1] = last.then(piece)
+                continue
+            if isinstance(last, bytes) and len(last) < _SHARED_BYTES:
+                merged[-1] = _Dynamic.static(last, piece.html).then(piece)
+                continue
+        elif isinstance(last, _Dynamic) and len(piece) < _SHARED_BYTES:
+            merged[-1] = last.then(_Dynamic.static(piece, last.html))
+            continue
+        merged.append(piece)
     return tuple(merged)
 
 
@@ -604,7 +662,10 @@ class Renderer:
         shown, source = clean_field(r.email), clean_field(r.consent_source)
         v = self.variant(r.language, r.segment, bool(name), bool(organisation), bool(source))
         utoken, rtoken = self._tokens(r)
+        # Each value quoted-printable once, and again for the HTML part only where
+        # escaping changed it (a tag's characters, "&", quotes).
         text_values = (name, organisation, shown, utoken, rtoken, source)
+        text_encoded = tuple([_qp_value(value) for value in text_values])
         esc = html.escape
         html_values = (
             esc(name, False),
@@ -613,6 +674,14 @@ class Renderer:
             utoken,
             rtoken,
             esc(source, False),
+        )
+        html_encoded = tuple(
+            [
+                encoded if escaped == value else _qp_value(escaped)
+                for escaped, value, encoded in zip(
+                    html_values, text_values, text_encoded, strict=True
+                )
+            ]
         )
         head = b"".join(
             [
@@ -624,12 +693,12 @@ class Renderer:
                 v.heads[smtputf8],
             ]
         )
-        body = []
-        for piece in v.body:
-            if isinstance(piece, bytes):
-                body.append(piece)
-            else:
-                body.append(piece.encode(html_values if piece.html else text_values))
+        body = [
+            piece
+            if isinstance(piece, bytes)
+            else piece.fill(html_encoded if piece.html else text_encoded)
+            for piece in v.body
+        ]
         return head, body
 
     def render_reference(self, r: RecipientView, *, smtputf8: bool = False) -> bytes:

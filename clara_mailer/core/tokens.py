@@ -56,8 +56,48 @@ def _read_varints(data: bytes) -> list[int]:
     return values
 
 
+_B32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648, lowercase
+#: Two base32 characters for each 10-bit value.
+_B32_PAIRS = tuple(a + b for a in _B32_ALPHABET for b in _B32_ALPHABET)
+
+
 def _b32(data: bytes) -> str:
-    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+    """``data`` in lowercase base32 without padding: what ``base64.b32encode`` gives,
+    lowercased and stripped, in ~a third of its time (it is pure Python before 3.13, and
+    every message carries three of these)."""
+    bits = len(data) * 8
+    chars = -(-bits // 5)
+    pairs = (chars + 1) // 2
+    value = int.from_bytes(data, "big") << (pairs * 10 - bits)
+    table = _B32_PAIRS
+    text = "".join([table[(value >> shift) & 1023] for shift in range(pairs * 10 - 10, -1, -10)])
+    return text[:chars]
+
+
+class _HmacSha256:
+    """HMAC-SHA256 with one key (RFC 2104): the key's inner and outer hash states are
+    made once and copied for each message, ~0.6 us against ~2.8 us for ``hmac.new``
+    (each message needs four). ``tests/test_tokens_fast.py`` holds it to ``hmac``."""
+
+    __slots__ = ("_inner", "_key", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def __reduce__(self) -> tuple[type[_HmacSha256], tuple[bytes]]:
+        return (_HmacSha256, (self._key,))  # hash states do not pickle: made again
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def _unb32(text: str) -> bytes:
@@ -82,12 +122,15 @@ class TokenSigner:
         if len(key) < 16:
             raise ValueError("the secret key must be at least 16 bytes")
         # Separate keys per use, so a token can never double as an address hash.
-        self._token_key = hmac.new(key, b"clara-mail token", hashlib.sha256).digest()
-        self._address_key = hmac.new(key, b"clara-mail address", hashlib.sha256).digest()
-        self._id_key = hmac.new(key, b"clara-mail message-id", hashlib.sha256).digest()
+        token_key = hmac.new(key, b"clara-mail token", hashlib.sha256).digest()
+        address_key = hmac.new(key, b"clara-mail address", hashlib.sha256).digest()
+        id_key = hmac.new(key, b"clara-mail message-id", hashlib.sha256).digest()
+        self._token_mac = _HmacSha256(token_key)
+        self._address_mac = _HmacSha256(address_key)
+        self._id_mac = _HmacSha256(id_key)
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._token_key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return self._token_mac.digest(payload)[:_MAC_BYTES]
 
     def sign(self, purpose: str, campaign_id: int, recipient_id: int) -> str:
         if purpose not in PURPOSES:
@@ -118,12 +161,12 @@ class TokenSigner:
     def address_hash(self, address: str) -> str:
         """Keyed hash of a case-folded address: what suppressions store."""
         key = address.strip().casefold().encode("utf-8")
-        return hmac.new(self._address_key, key, hashlib.sha256).hexdigest()
+        return self._address_mac.digest(key).hex()
 
     def message_id_part(self, campaign_slug: str, recipient_id: int) -> str:
         """Stable, opaque part of a Message-ID for (campaign, recipient)."""
         data = f"{campaign_slug}\0{recipient_id}".encode()
-        return _b32(hmac.new(self._id_key, data, hashlib.sha256).digest()[:15])
+        return _b32(self._id_mac.digest(data)[:15])
 
 
 def verp_address(bounce_address: str, token: str) -> str:

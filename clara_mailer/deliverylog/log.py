@@ -43,6 +43,7 @@ from sqlalchemy import (
     Integer,
     Row,
     Select,
+    String,
     and_,
     any_,
     bindparam,
@@ -63,6 +64,7 @@ from clara_mailer.deliverylog.figures import add_to_segment, segment_status_coun
 from clara_mailer.optouts.suppressions import (
     active_suppressions,
     any_active_suppression,
+    stops,
     stops_sql,
 )
 from clara_mailer.store import tables
@@ -161,9 +163,13 @@ class PlanCounts:
     per_segment: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+#: Marks one row ``sending`` unless a suppression stops its address (for executemany).
 _MARK_SENDING = (
     update(tables.deliveries)
-    .where(Delivery.id == bindparam("b_id"))
+    .where(
+        Delivery.id == bindparam("b_id"),
+        ~stops(bindparam("b_hash", type_=String), bindparam("b_kind", type_=String)),
+    )
     .values(
         status=Status.SENDING.value,
         message_id=bindparam("b_mid"),
@@ -728,9 +734,9 @@ class DeliveryLog:
         # session's bookkeeping cost more than the statement.
         with self.db.engine.begin() as conn:
             ids = [i for i, _, _ in entries]
-            if self._pg and _unique(ids):
-                # One statement marks the rows no suppression stops; only when it left
-                # some out are their reasons looked up (an opt-out during the send).
+            # The statement marks the rows no suppression stops; only when it left some
+            # out are their reasons looked up (an opt-out during the send).
+            if self._pg and _unique(ids):  # one statement for the group
                 values = {
                     "b_id": ids,
                     "b_mid": [m for _, m, _ in entries],
@@ -739,15 +745,21 @@ class DeliveryLog:
                     "b_kind": kind,
                 }
                 marked = set(conn.exec_driver_sql(_MARK_SENDING_SET, values).scalars())
-                left = [h for i, _, h in entries if i not in marked]
-                return active_suppressions(conn, left, kind) if left else {}
-            suppressed = active_suppressions(conn, (h for _, _, h in entries), kind)
-            params = [
-                {"b_id": i, "b_mid": m, "b_now": now} for i, m, h in entries if h not in suppressed
-            ]
-            if params:
-                self._statement("mark_sending", _MARK_SENDING).execute(conn, params)
-        return suppressed
+            else:  # one per row, through the driver's executemany
+                params = [{"b_id": i, "b_mid": m, "b_hash": h} for i, m, h in entries]
+                shared = {"b_now": now, "b_kind": kind}
+                statement = self._statement("mark_sending", _MARK_SENDING)
+                if statement.execute(conn, params, shared) == len(entries):
+                    return {}
+                marked = set(
+                    conn.scalars(
+                        select(Delivery.id).where(
+                            Delivery.id.in_(ids), Delivery.status == Status.SENDING.value
+                        )
+                    )
+                )
+            left = [h for i, _, h in entries if i not in marked]
+            return active_suppressions(conn, left, kind) if left else {}
 
     def record(self, outcomes: Sequence[Record]) -> None:
         """Write back a batch of results in one transaction."""

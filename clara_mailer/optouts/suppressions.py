@@ -3,8 +3,9 @@
 Checked when a send is planned, again just before each message, and by import. The
 checks (``active_suppressions``, ``any_active_suppression``) are SQLAlchemy Core on the
 ``suppressions`` table and take a Core connection or an ORM session alike: a send never
-loads the ORM. ``stops_sql`` is the same condition as SQL, for the delivery log's
-statement that marks a group of messages ``sending`` on PostgreSQL. The functions that
+loads the ORM. ``stops`` is the condition for one address hash, for the delivery log's
+statement that marks a group of messages ``sending``; ``stops_sql`` the same as SQL, for
+its PostgreSQL form. The functions that
 manage suppressions return ORM rows, so they import the models when called.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Connection, func, or_, select
+from sqlalchemy import ColumnElement, Connection, exists, func, or_, select
 
 from clara_mailer.core.errors import InputError, NotFound
 from clara_mailer.core.tokens import TokenSigner
@@ -30,17 +31,24 @@ if TYPE_CHECKING:
 _suppression = tables.suppressions.c
 
 
-def _stops(kind: str | None) -> list[ColumnElement[bool]]:
+def _stops(kind: str | ColumnElement[str] | None) -> list[ColumnElement[bool]]:
     """The conditions of a suppression that stops a campaign of ``kind`` now (None: of
-    any kind): not lifted, and for every kind or that one."""
+    any kind): not lifted, and for every kind or that one. ``kind`` may be a bound
+    parameter."""
     conditions: list[ColumnElement[bool]] = [_suppression.lifted_at.is_(None)]
     if kind is not None:
         conditions.append(or_(_suppression.scope == OptOutScope.ALL, _suppression.scope == kind))
     return conditions
 
 
+def stops(address_hash: ColumnElement[str], kind: ColumnElement[str]) -> ColumnElement[bool]:
+    """True when an active suppression of ``address_hash`` stops a campaign of ``kind``
+    (both SQL expressions, e.g. bound parameters): ``_stops`` for one address."""
+    return exists().where(_suppression.address_hash == address_hash, *_stops(kind))
+
+
 def stops_sql(hash_sql: str) -> str:
-    """The condition of ``_stops(kind)`` as SQL for a statement written for the driver
+    """The condition of ``stops`` as SQL for a statement written for the driver
     (PostgreSQL): true when an active suppression of the address hash ``hash_sql``
     stops a campaign of the kind bound as ``%(b_kind)s``."""
     return (

@@ -8,8 +8,12 @@ still in memory. Each worker therefore keeps a small append-only file of its own
 
 - ``END_OF_DATA`` is appended immediately *before* the final ``.<CRLF>`` of DATA is
   written to the socket (the transport calls the worker back at that moment);
-- a reply record (2xx, 4xx, 5xx and its code) as soon as the reply to that end of DATA
-  is read, before the outcome reaches the database in the next batch.
+- a reply record (2xx, 4xx, 5xx and its code) once the reply to that end of DATA is
+  read, before the outcome reaches the database in the next batch: it is written with
+  the next end of DATA (one write for both), or by ``flush`` (the worker's recorder,
+  every 50 ms, and ``close``). A connection reads its message's reply before it ends
+  the next one, so a reply not yet written belongs to a connection's last ended message:
+  still at most one message per connection without a reply on file.
 
 When the worker's process is gone, the next sender on this host (``expire_leases``)
 reads it: a ``sending`` row with no end-of-DATA record never reached the server and goes
@@ -164,6 +168,8 @@ class WorkerJournal:
         #: delivery id -> its latest record, until its outcome is committed
         self._open: dict[int, bytes] = {}
         self._written = 0
+        #: Reply records not written yet (``reply``): the next write carries them.
+        self._replies = bytearray()
 
     @classmethod
     def create(
@@ -206,31 +212,40 @@ class WorkerJournal:
         if self._fd is None:
             return
         record = _RECORD.pack(delivery_id, int(time.time()), END_OF_DATA, 0)
+        data = bytes(self._replies) + record if self._replies else record
         try:
-            os.write(self._fd, record)
+            if os.write(self._fd, data) != len(data):
+                raise OSError("short write")
         except OSError:
             # Without this record a crash would put a message that may be delivered back
             # in the queue: drop the whole journal, so a crash falls back to `unknown`.
             self._drop()
             return
+        self._replies.clear()
         self._open[delivery_id] = record
         self._written += 1
 
     def reply(self, delivery_id: int, outcome: str, code: int) -> None:
-        """The reply to this delivery's end of DATA (best effort: without it, a crash
-        leaves the row ``unknown``, which is safe)."""
+        """The reply to this delivery's end of DATA, written with the next end of DATA
+        or by ``flush`` (best effort: without it, a crash leaves the row ``unknown``,
+        which is safe)."""
         if self._fd is None or delivery_id not in self._open:
             return
         kind = _KINDS.get(outcome)
         if kind is None:
             return
         record = _RECORD.pack(delivery_id, int(time.time()), kind, max(0, min(code, 65535)))
-        try:
-            os.write(self._fd, record)
-        except OSError:
-            return
+        self._replies += record
         self._open[delivery_id] = record
         self._written += 1
+
+    def flush(self) -> None:
+        """Write the reply records ``reply`` holds (best effort, as ``reply``)."""
+        if self._fd is None or not self._replies:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, self._replies)
+        self._replies.clear()
 
     def committed(self, delivery_ids: Collection[int]) -> None:
         """These rows' outcomes are in the database: their records are obsolete."""
@@ -264,6 +279,7 @@ class WorkerJournal:
         os.close(self._fd)
         self._fd = fd
         self._written = len(self._open)
+        self._replies.clear()  # in ``_open``, so in the new file
 
     def _drop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -273,10 +289,13 @@ class WorkerJournal:
             os.close(self._fd)
         self._fd = None
         self._open.clear()
+        self._replies.clear()
 
     def close(self, *, remove: bool) -> None:
         """Close; ``remove`` once every outcome is committed (a clean finish)."""
         if self._fd is not None:
+            if not remove:
+                self.flush()
             os.close(self._fd)
             self._fd = None
         if remove:

@@ -500,6 +500,8 @@ class _Worker:
     # recorder and housekeeping -------------------------------------------------------
 
     async def _flush(self) -> None:
+        if self.journal is not None:
+            self.journal.flush()  # the replies no end of DATA has carried yet
         if self.pending:
             batch, self.pending = self.pending, []
             await self._db(self.log.record, batch)

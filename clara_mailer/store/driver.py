@@ -61,11 +61,12 @@ class DriverStatement:
         conn: Connection,
         parameter_sets: Sequence[Mapping[str, Any]],
         shared: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> int:
         """Run the statement once per parameter set (the driver's executemany);
-        ``shared``: values every set has, converted once."""
+        ``shared``: values every set has, converted once. Returns the rows it changed, as
+        the driver counts them (-1 when it cannot tell)."""
         if not parameter_sets:
-            return
+            return 0
         shared = shared or {}
         missing = self.required - parameter_sets[0].keys() - shared.keys()
         if missing:
@@ -82,10 +83,11 @@ class DriverStatement:
                 row[name] = value if processor is None else processor(value)
             rows.append(row)
         if self._ordered is None:
-            conn.exec_driver_sql(self.sql, rows)
+            result = conn.exec_driver_sql(self.sql, rows)
         else:
             ordered = self._ordered
-            conn.exec_driver_sql(self.sql, [ordered(row) for row in rows])
+            result = conn.exec_driver_sql(self.sql, [ordered(row) for row in rows])
+        return int(result.rowcount)
 
 
 def _unchanged(value: Any) -> Any:

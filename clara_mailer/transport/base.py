@@ -207,21 +207,22 @@ class MessageChecker:
     def join(self, parts: Sequence[bytes]) -> Message:
         """The message the parts make: a ``CheckedMessage`` when its line ends are all
         CRLF (a CR and its LF in one part), else the parts joined as plain bytes."""
-        wire = []
+        wire: list[bytes] = []
+        append, check = wire.append, self._wire
         ascii = True
         line_start = True  # where the next part begins
         for part in parts:
             if not part:
                 continue
-            checked = self._wire(part)
+            checked = check(part)
             if checked is None:
                 return b"".join(parts)
             stuffed, part_ascii = checked
             if line_start and part[:1] == b".":
-                wire.append(b".")
-            wire.append(stuffed)
+                append(b".")
+            append(stuffed)
             ascii = ascii and part_ascii
-            line_start = part.endswith(b"\n")
+            line_start = part[-1:] == b"\n"
         if not (line_start and wire):
             return b"".join(parts)
         wire.append(b".\r\n")

@@ -90,6 +90,21 @@ class _ReplyReader(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and self._lost is None and data[-1:] == b"\n":
+            # The usual packet: whole one-line replies ("250 2.1.0 Ok\r\n..."), each
+            # parsed as ``_parse`` would; anything else goes the general way below.
+            lines = data.split(b"\n")
+            lines.pop()
+            if all(line[3:4] == b" " for line in lines):
+                try:
+                    self._replies.extend(
+                        [(int(line[:3]), _text(line[4:].strip(b" \t\r\n"))) for line in lines]
+                    )
+                except ValueError:
+                    pass  # a malformed line: the general way below says so
+                else:
+                    self._wake()
+                    return
         self._buffer += data
         while self._lost is None:
             end = self._reply_end()
@@ -135,13 +150,17 @@ class _ReplyReader(asyncio.Protocol):
         while not self._replies:
             if self._lost is not None:
                 raise self._lost
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            # A timer of our own, not ``asyncio.wait_for``: this runs for most messages,
+            # and wait_for adds a second future and its callbacks each time.
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                raise SMTPTimeoutError("Timed out waiting for server response") from None
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self._replies.popleft()
 
     def reply_nowait(self) -> tuple[int, str] | None:
@@ -173,8 +192,7 @@ class _ReplyReader(asyncio.Protocol):
         except ValueError:
             shown = lines[-1].decode("utf-8", "replace")
             raise SMTPResponseException(-1, f"Malformed SMTP response line: {shown}") from None
-        text = b"\n".join(line[4:].strip(b" \t\r\n") for line in lines)
-        return code, text.decode("utf-8", "surrogateescape")
+        return code, _text(b"\n".join(line[4:].strip(b" \t\r\n") for line in lines))
 
     def _fail(self, exc: Exception) -> None:
         if self._lost is None:
@@ -184,6 +202,15 @@ class _ReplyReader(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def _text(text: bytes) -> str:
+    return text.decode("utf-8", "surrogateescape")
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(SMTPTimeoutError("Timed out waiting for server response"))
 
 
 class SMTPTransport:
