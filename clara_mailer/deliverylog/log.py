@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from sqlalchemy import (
     ARRAY,
@@ -125,9 +125,9 @@ class WorkerJournals(Protocol):
     def discard(self, worker_id: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class ClaimedRow:
-    """What the sender needs to render and send one message."""
+class ClaimedRow(NamedTuple):
+    """What the sender needs to render and send one message (a named tuple: a claim
+    makes hundreds at once, on the database thread)."""
 
     id: int
     recipient_id: int | None
@@ -683,22 +683,11 @@ class DeliveryLog:
                 .order_by(Delivery.id)
             ).all()
         order = {delivery_id: i for i, delivery_id in enumerate(ids)}
-        rows = sorted(rows, key=lambda r: order[r.id])  # due retries stay first
+        rows = sorted(rows, key=lambda r: order[r[0]])  # due retries stay first
+        # Positional, in the select's order: ~500 rows a claim, on the database thread.
         return [
-            ClaimedRow(
-                id=r.id,
-                recipient_id=r.recipient_id,
-                email=r.email,
-                name=r.name or "",
-                organisation=r.organisation or "",
-                consent_source=r.consent_source or "",
-                language=r.language,
-                segment=r.segment,
-                status=r.status,
-                attempts=r.attempts,
-                first_attempt_at=r.first_attempt_at,
-            )
-            for r in rows
+            ClaimedRow(i, rid, email, name or "", org or "", source or "", lang, seg, st, n, first)
+            for i, rid, email, name, org, source, lang, seg, st, n, first in rows
         ]
 
     def reserve_rate_window(self, count: int, rate: float) -> dt.datetime:
