@@ -313,7 +313,9 @@ class _Dynamic:
         return _Dynamic._made(runs, self.fields + other.fields, self.html)
 
     def encode(self, values: tuple[str, ...]) -> bytes:
-        """The lines with ``values`` in place of their sentinels, quoted-printable."""
+        """The lines with ``values`` in place of their sentinels, quoted-printable (one
+        piece alone; ``render_parts`` encodes a message's values once for all its pieces
+        and calls ``fill``)."""
         return self.fill(tuple(_qp_value(value) for value in values))
 
     def fill(self, encoded: tuple[bytes, ...]) -> bytes:
