@@ -835,19 +835,24 @@ class Bench:
                 self.dkim_rows()
 
     def send_rows(self, n: int) -> None:
-        goal = {
+        # Issue 18's goal: every SQLite send; on PostgreSQL, the send with --processes 2
+        # (its one-process rows are printed with their ratio, for reference).
+        goal: dict[str, Any] = {
             "ratio": True,
             "goal": f">= {SEND_GOAL_RATIO}x smtp-source",
             "goal_kind": "ratio",
             "goal_value": SEND_GOAL_RATIO,
         }
         for backend in self.dbs.backends:
+            one_process = goal
+            if backend != "sqlite":
+                one_process = {"ratio": True, "goal": "(reference: the goal is --processes 2)"}
             for conc in self.plan.concurrencies:
                 row = self.row(
                     f"send-{backend}-c{conc}",
                     f"5. clara-mail send, {backend}, --concurrency {conc}",
                     "msg/s",
-                    **goal,
+                    **one_process,
                 )
                 self.attempt(row, partial(self.clara_send, backend, conc, n))
             row = self.row(
