@@ -843,10 +843,12 @@ class Bench:
             "goal_kind": "ratio",
             "goal_value": SEND_GOAL_RATIO,
         }
+        reference: dict[str, Any] = {
+            "ratio": True,
+            "goal": "(reference: the goal is --processes 2)",
+        }
         for backend in self.dbs.backends:
-            one_process = goal
-            if backend != "sqlite":
-                one_process = {"ratio": True, "goal": "(reference: the goal is --processes 2)"}
+            one_process = goal if backend == "sqlite" else reference
             for conc in self.plan.concurrencies:
                 row = self.row(
                     f"send-{backend}-c{conc}",
