@@ -17,6 +17,7 @@ from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.mailer import Mailer
 from clara_mailer.optouts import suppressions
+from clara_mailer.registry.addresses import email_key
 from clara_mailer.registry.importer import ImportOptions, ImportReport
 from clara_mailer.store.database import Database
 
@@ -120,6 +121,16 @@ def test_internationalised_domain_is_normalised(cli: Cli, db: Database, tmp_path
     assert result.exit_code == 0, result.output
     found = recipient(db, "maria@correo.ñandú.example")
     assert found is not None and found.email == "maria@correo.ñandú.example"
+
+
+def test_stored_key_is_email_key_of_the_address(cli: Cli, db: Database, tmp_path: Path) -> None:
+    # The import loop folds case itself (no call per row): it must agree with email_key.
+    path = write(tmp_path, "keys.csv", "email,segment\nGroße.Straße@Ñandú.EXAMPLE,associations\n")
+    result = cli("import", str(path))
+    assert result.exit_code == 0, result.output
+    found = recipient(db, "große.straße@ñandú.example")
+    assert found is not None and found.email == "Große.Straße@ñandú.example"
+    assert found.email_key == email_key(found.email) == "grosse.strasse@ñandú.example"
 
 
 # --- files that are not tables: exit 2, one line, nothing written --------------------

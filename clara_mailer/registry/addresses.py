@@ -58,8 +58,13 @@ class AddressValidator:
         address = raw.strip()
         local, at, domain = address.rpartition("@")
         if at and len(local) <= 64 and domain.isascii() and _DOT_ATOM.fullmatch(local):
-            normal_domain = self._domain(domain)
-            if normal_domain is not None:
+            normal_domain = self._domains.get(domain, "")  # "": not seen yet
+            if normal_domain == "":
+                normal_domain = self._domain(domain)
+            if normal_domain == domain:  # the usual case: the address as typed
+                if len(address) <= 254:
+                    return address
+            elif normal_domain is not None:
                 result = f"{local}@{normal_domain}"
                 if len(result) <= 254:
                     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import functools
 import gc
+import itertools
 import os
 import queue
 import re
@@ -51,7 +52,7 @@ from clara_mailer.core.errors import DatabaseError, InputError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import PERSONAL_OPT_OUTS
-from clara_mailer.registry.addresses import AddressError, AddressValidator, email_key
+from clara_mailer.registry.addresses import AddressError, AddressValidator
 from clara_mailer.registry.csvinput import CsvTable
 from clara_mailer.store.database import Database
 from clara_mailer.store.tables import recipient_segments as MEMBERS
@@ -504,7 +505,7 @@ class _FileImport:
             # the unique index on email_key touches pages all over (~15% faster).
             conn.exec_driver_sql("PRAGMA cache_size = -32000")
             limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            self.rows_per_insert = max(1, (limit - 1) // 9)
+            self.rows_per_insert = max(1, (limit - 2) // 8)
             self.pairs_per_insert = max(1, limit // 2)
             self._values_sql: dict[tuple[str, int], str] = {}
         self.default_segments: frozenset[str] = frozenset()
@@ -637,7 +638,8 @@ class _FileImport:
         rows, each attribute look-up or call costs a measurable share of the import."""
         report, width, size, table = self.report, self.width, self.options.chunk_size, self.table
         get_cells = itemgetter(*self.field_indexes)
-        normalise, key_of, reject = self.validator.normalise, email_key, self.reject
+        # The de-duplication key is ``email_key`` (a case fold), here without a Python call.
+        normalise, casefold, reject = self.validator.normalise, str.casefold, self.reject
         attribute_cache, attributes = self._attributes, self.attributes
         default_source = self.default_source
         email_index = self.columns["email"]
@@ -683,7 +685,7 @@ class _FileImport:
                         found = attribute_cache[cells] = attributes(
                             language.strip(), country.strip(), basis.strip(), segment_cell.strip()
                         )
-                    if type(found) is str:
+                    if isinstance(found, str):
                         reject(line, fields, found)
                         continue
                     name = name.strip()
@@ -695,24 +697,27 @@ class _FileImport:
                     source = source.strip()
                     if not source.isprintable():
                         source = clean_text(source)
-                    key = key_of(email)
+                    key = casefold(email)
                     first = chunk.get(key)
                     parsed += 1
+                    language, country, basis, segments = found
                     if first is None:
                         chunk[key] = [
                             key,
                             email,
                             name,
                             organisation,
-                            *found[:3],
+                            language,
+                            country,
+                            basis,
                             source or default_source,
-                            found[3],
+                            segments,
                             line,
                             fields,
                         ]
                     else:
                         duplicates += 1
-                        first[_SEGMENTS] = first[_SEGMENTS] | found[3]
+                        first[_SEGMENTS] = first[_SEGMENTS] | segments
                     if parsed >= size:
                         report.read += read
                         report.duplicates += duplicates
@@ -762,7 +767,7 @@ class _FileImport:
             self.lookup_first = (before - len(rows)) > before * _LOOKUP_FIRST_SHARE
             if not rows:
                 return
-        for slugs in {frozenset(row[_SEGMENTS]) for row in rows}:
+        for slugs in set(map(itemgetter(_SEGMENTS), rows)):
             self.segment_ids(slugs)  # creates new segments now, not in the writer
         if self.postgresql:
             self._insert_postgresql(rows)
@@ -795,24 +800,21 @@ class _FileImport:
         self.next_id += len(rows)
         now, per, values_sql = self.now_param, self.rows_per_insert, self._sqlite_values
         statements = []
-        rid = first
         start = 0
+        head = itemgetter(slice(0, 8))
         for size in _statement_sizes(len(rows), per):
             part = rows[start : start + size]
+            # ?1 the time, ?2 the part's first id (the SQL adds each row's offset)
+            params = [now, first + start, *itertools.chain.from_iterable(map(head, part))]
             start += size
-            params = [now]
-            for row in part:
-                params += row[:8]
-                params.append(rid)
-                rid += 1
             statements.append((values_sql("recipients", len(part)), params))
         members: list[int] = []
         segment_ids = self._slug_ids
-        rid = first
-        for row in rows:
-            for seg in segment_ids[row[_SEGMENTS]]:
+        for rid, seg_ids in zip(
+            itertools.count(first), map(segment_ids.__getitem__, map(itemgetter(_SEGMENTS), rows))
+        ):
+            for seg in seg_ids:
                 members += (rid, seg)
-            rid += 1
         driver, pairs = self.driver, self.pairs_per_insert
 
         def job() -> list[int]:
@@ -854,9 +856,10 @@ class _FileImport:
         sql = self._values_sql.get((table, count))
         if sql is None:
             if table == "recipients":
-                # ?1 is the time; then 9 values a row (id last). Only anonymous ``?``
-                # besides: SQLite takes quadratic time to prepare thousands of ``?NNN``.
-                values = ",".join(["(?1,?1,?,?,?,?,?,?,?,?,?)"] * count)
+                # ?1 is the time, ?2 the first row's id; then 8 values a row. Only
+                # anonymous ``?`` besides: SQLite takes quadratic time to prepare
+                # thousands of distinct ``?NNN``.
+                values = ",".join(f"(?2+{i},?1,?1,?,?,?,?,?,?,?,?)" for i in range(count))
                 sql = (
                     f"INSERT INTO recipients ({_SQLITE_COLUMNS}) VALUES {values} "
                     "ON CONFLICT (email_key) DO NOTHING"
@@ -1066,8 +1069,8 @@ class _FileImport:
 THREADED_WRITES = True
 
 _SQLITE_COLUMNS = (
-    "created_at, updated_at, email_key, email, name, organisation, language, country, "
-    "consent_basis, consent_source, id"
+    "id, created_at, updated_at, email_key, email, name, organisation, language, country, "
+    "consent_basis, consent_source"
 )
 #: A PostgreSQL import of this many rows or more checks its memberships' foreign keys
 #: in bulk (``_set_checks_aside``): the re-check of the whole table then costs less.
