@@ -53,6 +53,9 @@ FLUSH_SECONDS = 0.05
 #: group may hold at most (see ``_group_size``).
 GROUP_ROWS = 64
 GROUP_SECONDS = 0.05
+#: Messages rendered between two turns of the event loop (~1 ms of work): a group is
+#: rendered in slices, so the connections read their replies and send meanwhile.
+RENDER_SLICE = 8
 
 
 @dataclass
@@ -143,7 +146,12 @@ class _Worker:
         #: group waits for the signing process before its commit, so one more goes ahead.
         self.depth = 1 if self.dkim is None else 2
         self.concurrency = max(1, options.concurrency)
-        self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=self.concurrency * 4)
+        #: Rendered messages waiting for a connection: four a connection, and at least a
+        #: group's worth, so that a few connections still have work while the next group
+        #: is rendered (in slices: ``_render_group``).
+        self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(
+            maxsize=max(self.concurrency * 4, GROUP_ROWS)
+        )
         self.pending: list[Record] = []
         self.inflight = 0
         self.handed = 0
@@ -208,7 +216,9 @@ class _Worker:
                     take = min(take, limit - self.handed - pending_here)
                     if take <= 0:
                         break
-                committing.append(self._render_group([claimed.popleft() for _ in range(take)]))
+                committing.append(
+                    await self._render_group([claimed.popleft() for _ in range(take)])
+                )
                 if len(claimed) <= take and ahead is None and limit is None and not rate:
                     # After this group's commit on the database thread, not before it.
                     ahead = asyncio.ensure_future(self._next_batch(batch))
@@ -298,14 +308,18 @@ class _Worker:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def _render_group(self, group: list[ClaimedRow]) -> _Group:
+    async def _render_group(self, group: list[ClaimedRow]) -> _Group:
         """Render a group and start committing it as ``sending`` (re-checking opt-outs in
-        the same transaction, just before the messages go out)."""
+        the same transaction, just before the messages go out). Every ``RENDER_SLICE``
+        messages the event loop takes a turn: a group of 64 is ~8 ms of rendering, during
+        which four connections would otherwise sit with their replies unread."""
         now = utcnow()
         stamp = time.time()  # DKIM's t=
         jobs: list[_Job] = []
         expire = dt.timedelta(seconds=self.settings.retry_expire)
-        for row in group:
+        for n, row in enumerate(group, 1):
+            if not n % RENDER_SLICE:
+                await asyncio.sleep(0)
             if row.email is None or row.recipient_id is None:
                 self._outcome(row, Status.SKIPPED, None, "recipient erased", now, attempt=False)
                 continue
