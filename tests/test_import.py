@@ -5,6 +5,7 @@ Every test runs on a real SQLite file and a fresh PostgreSQL database (conftest)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable
 from pathlib import Path
@@ -416,6 +417,51 @@ def test_unterminated_quote_after_many_chunks_rolls_back_the_file(
         Mailer(settings, database=db).import_files([path], ImportOptions(chunk_size=7))
     assert caught.value.line == 42 and "unterminated" in str(caught.value)
     assert registry_state(db) == before
+
+
+def pooled_foreign_keys(db: Database) -> list[int]:
+    """``PRAGMA foreign_keys`` of every connection the pool holds, each checked out."""
+    with contextlib.ExitStack() as stack:
+        conns = [
+            stack.enter_context(db.engine.connect()) for _ in range(db.engine.pool.checkedin())
+        ]
+        return [c.exec_driver_sql("PRAGMA foreign_keys").scalar_one() for c in conns]
+
+
+def test_sqlite_imports_leave_keys_checked_and_consistent(
+    cli: Cli, db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    # The import turns the driver's foreign-key checks off for its own transaction (its
+    # memberships use keys it holds under the write lock): they are on again after a
+    # committed, a failed and a dry-run import, and every row it wrote has its keys.
+    if db.dialect != "sqlite":
+        pytest.skip("SQLite only")
+    mailer = Mailer(settings, database=db)
+    first = write(tmp_path, "one.csv", HEADER + "\n" + GOOD)
+    mailer.import_files([first])
+    again = write(
+        tmp_path,
+        "two.csv",
+        HEADER + "\n" + GOOD.replace("local-police", "brand-new") + many_rows(30),
+    )
+    [report] = mailer.import_files(
+        [again], ImportOptions(chunk_size=7, create_segments=True, dry_run=True)
+    )
+    assert report.added == 30 and not report.committed
+    [report] = mailer.import_files([again], ImportOptions(chunk_size=7, create_segments=True))
+    assert report.added == 30 and report.gained_segment > 0 and report.committed
+    late = write(tmp_path, "late.csv", HEADER + "\n" + 'z@asso.example,"Z,Y,associations,es\n')
+    with pytest.raises(UnreadableFile):
+        mailer.import_files([late])
+    assert pooled_foreign_keys(db) and set(pooled_foreign_keys(db)) == {1}
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+        orphans = conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM recipient_segments m LEFT JOIN segments s "
+            "ON s.id = m.segment_id LEFT JOIN recipients r ON r.id = m.recipient_id "
+            "WHERE s.id IS NULL OR r.id IS NULL"
+        ).scalar_one()
+    assert orphans == 0
 
 
 # --- the seed registry ---------------------------------------------------------------
