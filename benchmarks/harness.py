@@ -453,7 +453,6 @@ class Bench:
         self.report_logs = ExitStack()
         self.seconds: dict[str, float] = {}  # wall time spent per group of rows
         self.signatures_seen: set[str] = set()  # signed rows checked once per run
-        self.settled: list[float] = []  # seconds each ``settle`` waited, in order
 
     @contextmanager
     def timing(self, group: str) -> Iterator[None]:
@@ -735,11 +734,9 @@ class Bench:
             repeated = self.groups - {"memory", "kill", "others"}
             for rep in range(1, self.plan.reps + 1 if repeated else 1):
                 print(f"repetition {rep} of {self.plan.reps}", flush=True)
-                self.settle()
                 self.one_repetition()
             self.report_logs.close()
             if "memory" in self.groups:
-                self.settle()
                 with self.timing("memory"):
                     self.memory_rows()
             if "kill" in self.groups:
@@ -753,20 +750,6 @@ class Bench:
             self.report_logs.close()
             self.sink.stop()
             self.dbs.drop_all()
-
-    def settle(self) -> None:
-        """Before a repetition, the import rows and the memory rows: wait until what the
-        rows before wrote is on disk (``sync``, as hyperfine's ``--prepare sync``). A
-        million-row import leaves ~1 GB in the page cache (PostgreSQL runs without fsync
-        here), written out at the disk's pace over the next minute, while the rows after
-        it run: the first send of the next repetition (--concurrency 4) was the slowest of
-        its run in five of the last eight runs, and one SQLite import ran at 44,683 rows/s
-        against 104,431 and 126,422 in its run. Each wait is printed and kept."""
-        started = time.perf_counter()
-        os.sync()
-        seconds = time.perf_counter() - started
-        self.settled.append(round(seconds, 3))
-        print(f"  (settled: sync took {seconds:.1f} s)", flush=True)
 
     def one_repetition(self) -> None:
         n = self.plan.recipients
@@ -835,7 +818,6 @@ class Bench:
             with self.timing("report"):
                 self.report_rows()
         if "import" in self.groups:
-            self.settle()
             with self.timing("import"):
                 for backend in self.dbs.backends:
                     goal = IMPORT_GOAL_ROWS[backend]
@@ -1417,8 +1399,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nwall time {elapsed / 60:.1f} min ({spent}); load average now {os.getloadavg()[0]:.2f}"
     )
-    waits = ", ".join(f"{seconds:.1f}" for seconds in bench.settled)
-    print(f"settled (sync) before repetitions, imports and memory rows: {waits or '-'} s")
     results = {
         "plan": asdict(plan),
         "message_source": bench.message_source,
@@ -1426,7 +1406,6 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": {group: round(seconds / 60, 2) for group, seconds in bench.seconds.items()},
         "rows": [asdict(r) for r in bench.rows.values()],
         "others": bench.others,
-        "settled_seconds": bench.settled,
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "table.md").write_text(table + "\n")
