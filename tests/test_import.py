@@ -125,7 +125,7 @@ def test_internationalised_domain_is_normalised_and_keyed(
     assert result.exit_code == 0, result.output
     found = recipient(db, "maria@correo.ñandú.example")
     assert found is not None and found.email == "maria@correo.ñandú.example"
-    # The import loop folds case itself (no call per row): it must agree with email_key.
+    # The stored key is email_key of the stored address (ß folds to ss).
     found = recipient(db, "große.straße@ñandú.example")
     assert found is not None and found.email == "Große.Straße@ñandú.example"
     assert found.email_key == email_key(found.email) == "grosse.strasse@ñandú.example"
@@ -450,7 +450,8 @@ def test_sqlite_imports_leave_keys_checked_and_consistent(
     late = write(tmp_path, "late.csv", HEADER + "\n" + 'z@asso.example,"Z,Y,associations,es\n')
     with pytest.raises(UnreadableFile):
         mailer.import_files([late])
-    assert pooled_foreign_keys(db) and set(pooled_foreign_keys(db)) == {1}
+    pooled = pooled_foreign_keys(db)
+    assert pooled and set(pooled) == {1}
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
         orphans = conn.exec_driver_sql(

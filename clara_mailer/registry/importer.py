@@ -53,7 +53,7 @@ from clara_mailer.core.errors import DatabaseError, InputError
 from clara_mailer.core.settings import Settings
 from clara_mailer.core.tokens import TokenSigner
 from clara_mailer.core.vocabulary import PERSONAL_OPT_OUTS
-from clara_mailer.registry.addresses import AddressError, AddressValidator
+from clara_mailer.registry.addresses import AddressError, AddressValidator, email_key
 from clara_mailer.registry.csvinput import CsvTable
 from clara_mailer.store.database import Database
 from clara_mailer.store.tables import recipient_segments as MEMBERS
@@ -639,8 +639,7 @@ class _FileImport:
         rows, each attribute look-up or call costs a measurable share of the import."""
         report, width, size, table = self.report, self.width, self.options.chunk_size, self.table
         get_cells = itemgetter(*self.field_indexes)
-        # The de-duplication key is ``email_key`` (a case fold), here without a Python call.
-        normalise, casefold, reject = self.validator.normalise, str.casefold, self.reject
+        normalise, key_of, reject = self.validator.normalise, email_key, self.reject
         attribute_cache, attributes = self._attributes, self.attributes
         default_source = self.default_source
         email_index = self.columns["email"]
@@ -698,7 +697,7 @@ class _FileImport:
                     source = source.strip()
                     if not source.isprintable():
                         source = clean_text(source)
-                    key = casefold(email)
+                    key = key_of(email)
                     first = chunk.get(key)
                     parsed += 1
                     language, country, basis, segments = found

@@ -53,8 +53,8 @@ FLUSH_SECONDS = 0.05
 #: group may hold at most (see ``_group_size``).
 GROUP_ROWS = 64
 GROUP_SECONDS = 0.05
-#: Messages rendered between two turns of the event loop (~1 ms of work): a group is
-#: rendered in slices, so the connections read their replies and send meanwhile.
+#: Messages rendered between two turns of the event loop: a group is rendered in
+#: slices, so the connections read their replies and send meanwhile.
 RENDER_SLICE = 8
 
 
@@ -311,8 +311,9 @@ class _Worker:
     async def _render_group(self, group: list[ClaimedRow]) -> _Group:
         """Render a group and start committing it as ``sending`` (re-checking opt-outs in
         the same transaction, just before the messages go out). Every ``RENDER_SLICE``
-        messages the event loop takes a turn: a group of 64 is ~8 ms of rendering, during
-        which four connections would otherwise sit with their replies unread."""
+        messages the event loop takes a turn: rendered at once, a group of up to 64 held
+        the loop for its whole length, and a few connections sat with their replies
+        unread."""
         now = utcnow()
         stamp = time.time()  # DKIM's t=
         jobs: list[_Job] = []
