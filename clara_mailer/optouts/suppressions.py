@@ -47,14 +47,14 @@ def stops(address_hash: ColumnElement[str], kind: ColumnElement[str]) -> ColumnE
     return exists().where(_suppression.address_hash == address_hash, *_stops(kind))
 
 
-def stops_sql(hash_sql: str) -> str:
-    """The condition of ``stops`` as SQL for a statement written for the driver
-    (PostgreSQL): true when an active suppression of the address hash ``hash_sql``
-    stops a campaign of the kind bound as ``%(b_kind)s``."""
+def stops_sql(hash_sql: str, kind_sql: str = "%(b_kind)s") -> str:
+    """The condition of ``stops`` as SQL for a statement written for the driver: true
+    when an active suppression of the address hash ``hash_sql`` stops a campaign of the
+    kind ``kind_sql`` (by default bound as psycopg's ``%(b_kind)s``)."""
     return (
         f"EXISTS (SELECT 1 FROM {tables.suppressions.name} AS s "
         f"WHERE s.address_hash = {hash_sql} AND s.lifted_at IS NULL "
-        f"AND (s.scope = '{OptOutScope.ALL.value}' OR s.scope = %(b_kind)s))"
+        f"AND (s.scope = '{OptOutScope.ALL.value}' OR s.scope = {kind_sql}))"
     )
 
 

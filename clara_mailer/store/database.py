@@ -42,6 +42,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # The sender's set-based updates (UPDATE ... FROM json_each: ``deliverylog.log``)
+    # gather their rows in a temporary b-tree: in memory, not in a temporary file.
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 
