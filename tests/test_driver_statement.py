@@ -327,3 +327,21 @@ def test_mark_sending_leaves_out_exactly_the_addresses_a_suppression_stops(
     assert used == (["mark_sending"] if old_sqlite else [])
     # Nothing stopped: no lookup of reasons either.
     assert DeliveryLog(db, 1).mark_sending(entries[2:], "newsletter") == {}
+
+
+def test_a_reply_with_bytes_that_are_not_utf8_is_stored_readable(
+    db: Database, signer: Any, old_sqlite: bool
+) -> None:
+    # The transport keeps a reply's bytes that are not UTF-8 as lone surrogates
+    # (surrogateescape): no driver can encode those, and SQLite's JSON would store them
+    # as bytes that cannot be read back. They are stored as "?", the rest as it came.
+    ids = _planned(db, signer, 2)
+    at = dt.datetime(2022, 1, 20, 9, 0, 0, 123456)
+    replies = ["250 2.0.0 \u00e9t\u00e9 \udcff ok", "550 5.1.1 caf\udce9 " + "x" * 2100]
+    DeliveryLog(db, 1).record(
+        [log.Record(i, Status.SENT, 250, reply, at) for i, reply in zip(ids, replies, strict=True)]
+    )
+    with db.engine.connect() as conn:
+        stored = dict(conn.execute(select(Delivery.id, Delivery.smtp_reply)).all())
+    assert stored[ids[0]] == "250 2.0.0 \u00e9t\u00e9 ? ok"
+    assert stored[ids[1]] == ("550 5.1.1 caf? " + "x" * 2100)[:2000]

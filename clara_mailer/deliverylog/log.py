@@ -283,6 +283,14 @@ def _as_arrays(sets: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     }
 
 
+def _storable(reply: str) -> str:
+    """A reply as the database can store it: at most 2,000 characters, and each byte
+    that was not UTF-8 (which the transport keeps as a lone surrogate,
+    ``surrogateescape``, and no driver can encode) as "?"."""
+    reply = reply[:2000]
+    return reply if reply.isascii() else reply.encode("utf-8", "replace").decode("utf-8")
+
+
 def _unique(ids: Sequence[int]) -> bool:
     return len(set(ids)) == len(ids)
 
@@ -818,7 +826,7 @@ class DeliveryLog:
                     o.delivery_id,
                     str(o.status),
                     o.code,
-                    o.reply[:2000],
+                    _storable(o.reply),
                     1 if o.counts_attempt else 0,
                     stamp(o.next_attempt_at),
                     stamp(o.at),
@@ -834,7 +842,7 @@ class DeliveryLog:
                 "b_id": o.delivery_id,
                 "b_status": o.status,
                 "b_code": o.code,
-                "b_reply": o.reply[:2000],
+                "b_reply": _storable(o.reply),
                 "b_at": o.at,
                 "b_next": o.next_attempt_at,
                 "b_inc": 1 if o.counts_attempt else 0,
