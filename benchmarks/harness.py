@@ -1286,9 +1286,8 @@ def render_table(bench: Bench) -> str:
             just_before = f"{statistics.median(paired):.2f}x"
             if len(paired) > 1:
                 just_before += f" [{min(paired):.2f}-{max(paired):.2f}]"
-        cells = [row.label, figure, "-" if rss is None else f"{rss:.0f}", ratio, just_before]
-        cells.append(row.goal)
-        cells.append(verdict(row, source))
+        peak = "-" if rss is None else f"{rss:.0f}"
+        cells = [row.label, figure, peak, ratio, just_before, row.goal, verdict(row, source)]
         lines.append("| " + " | ".join(cells) + " |")
     memory = memory_summary(bench)
     if memory:

@@ -291,6 +291,23 @@ def _storable(reply: str) -> str:
     return reply if reply.isascii() else reply.encode("utf-8", "replace").decode("utf-8")
 
 
+def _json_outcomes(
+    outcomes: Sequence[Record], stamp: Callable[[dt.datetime | None], str | None]
+) -> str:
+    """``_RECORD_JSON``'s rows: one array of values an outcome, its times as ``stamp``
+    stores them (each converted once)."""
+    rows = []
+    for o in outcomes:
+        at = stamp(o.at)
+        sent = at if o.status == Status.SENT else None
+        inc = 1 if o.counts_attempt else 0
+        reply = _storable(o.reply)
+        rows.append(
+            (o.delivery_id, str(o.status), o.code, reply, inc, stamp(o.next_attempt_at), at, sent)
+        )
+    return json.dumps(rows)
+
+
 def _unique(ids: Sequence[int]) -> bool:
     return len(set(ids)) == len(ids)
 
@@ -818,24 +835,11 @@ class DeliveryLog:
         """Write back a batch of results in one transaction."""
         if not outcomes:
             return
-        stamp = self._stamp
-        if stamp is not None and _unique([o.delivery_id for o in outcomes]):
-            sent = Status.SENT
-            rows = [
-                (
-                    o.delivery_id,
-                    str(o.status),
-                    o.code,
-                    _storable(o.reply),
-                    1 if o.counts_attempt else 0,
-                    stamp(o.next_attempt_at),
-                    stamp(o.at),
-                    stamp(o.at) if o.status == sent else None,
-                )
-                for o in outcomes
-            ]
+        unique = _unique([o.delivery_id for o in outcomes])
+        if self._stamp is not None and unique:
+            batch = {"b_rows": _json_outcomes(outcomes, self._stamp)}
             with self.db.engine.begin() as conn:
-                conn.exec_driver_sql(_RECORD_JSON, {"b_rows": json.dumps(rows)})
+                conn.exec_driver_sql(_RECORD_JSON, batch)
             return
         params = [
             {
@@ -851,7 +855,7 @@ class DeliveryLog:
             for o in outcomes
         ]
         with self.db.engine.begin() as conn:
-            if self._pg and _unique([o.delivery_id for o in outcomes]):
+            if self._pg and unique:
                 conn.exec_driver_sql(_RECORD_SET, _as_arrays(params))
             else:
                 self._statement("record", _RECORD).execute(conn, params)
